@@ -1,0 +1,107 @@
+"""Multi-head attention and MLP blocks shared by the encoder and the cross-attention predictor.
+
+Query, key and value are separate DenseGeneral projections with logical axes ('embed', 'heads', 'kv'),
+so tensor parallelism can split heads; the export code fuses them into timm's qkv layout.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def _dense_init(axes):
+  return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
+
+
+def _bias_init(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+class Attention(nn.Module):
+  """Self-attention (x_kv is None) or cross-attention from queries x_q to x_kv."""
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  # None lets XLA choose; 'cudnn' selects the fused flash-attention kernel on NVIDIA GPUs.
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x_q, x_kv=None, mask=None):
+    x_kv = x_q if x_kv is None else x_kv
+    width = x_q.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'Attention width {width} is not divisible by num_heads={self.num_heads}.')
+    head_dim = width // self.num_heads
+
+    def project(name, x):
+      return nn.DenseGeneral(
+        (self.num_heads, head_dim),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=_dense_init(('embed', 'heads', 'kv')),
+        bias_init=_bias_init(('heads', 'kv')),
+        name=name,
+      )(x)
+
+    q_bqhk = project('query', x_q)
+    k_bshk = project('key', x_kv)
+    v_bshk = project('value', x_kv)
+    out_bqhk = jax.nn.dot_product_attention(
+      q_bqhk, k_bshk, v_bshk, mask=mask, implementation=self.implementation
+    )
+    return nn.DenseGeneral(
+      width,
+      axis=(-2, -1),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_dense_init(('heads', 'kv', 'embed')),
+      bias_init=_bias_init(('embed',)),
+      name='out',
+    )(out_bqhk)
+
+
+class Mlp(nn.Module):
+  """Two-layer GELU MLP, hidden axis named 'mlp' so it can be split over the tensor axis."""
+
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    h = nn.Dense(
+      self.mlp_dim,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_dense_init(('embed', 'mlp')),
+      bias_init=_bias_init(('mlp',)),
+      name='fc1',
+    )(x)
+    # Exact (erf) GELU, as in timm / PyTorch's default, so exported weights give the same outputs.
+    h = nn.gelu(h, approximate=False)
+    return nn.Dense(
+      width,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_dense_init(('mlp', 'embed')),
+      bias_init=_bias_init(('embed',)),
+      name='fc2',
+    )(h)
+
+
+def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
+  """Pre-LN normalisation with timm's epsilon (1e-6) and logically named scale/bias."""
+  return nn.LayerNorm(
+    epsilon=1e-6,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
+    bias_init=_bias_init(('embed',)),
+    name=name,
+  )

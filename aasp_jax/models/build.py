@@ -1,0 +1,98 @@
+"""Builds the model modules from a config's `model` section (the only place that maps names to classes).
+
+Sizes come from `VARIANTS`; configs copy a variant's numbers into explicit fields so every size stays
+overridable on the command line (`--config.model.depth=6`).
+"""
+
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+
+from aasp_jax.models.aape import AaPE
+from aasp_jax.models.cnn_decoder import CnnDecoder
+from aasp_jax.models.conv_stem import ConvPatchStem
+from aasp_jax.models.predictor import CrossAttentionPredictor
+from aasp_jax.models.vit import Encoder
+
+# width, depth, heads, MLP width. 'tiny' is sized for CPU runs (minutes, not hours).
+VARIANTS = {
+  'tiny': dict(width=128, depth=4, num_heads=4, mlp_dim=512),
+  'S': dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+  'B': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+  'L': dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+}
+STEMS = ('aape', 'conv')
+PREDICTORS = ('cross_attention', 'cnn')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def dtype_of(name: str):
+  if name not in DTYPES:
+    raise ValueError(f'Unknown dtype {name!r}; choose one of {sorted(DTYPES)}.')
+  return DTYPES[name]
+
+
+def _attention_impl(model_cfg: ConfigDict):
+  # 'xla' lets XLA pick (portable); 'cudnn' is the fused flash-attention kernel on NVIDIA GPUs.
+  return None if model_cfg.attention_impl == 'xla' else model_cfg.attention_impl
+
+
+def build_stem(model_cfg: ConfigDict):
+  dtype, param_dtype = dtype_of(model_cfg.dtype), dtype_of(model_cfg.param_dtype)
+  common = dict(
+    embed_dim=model_cfg.width,
+    patch_t=model_cfg.patch_t,
+    patch_f=model_cfg.patch_f,
+    dtype=dtype,
+    param_dtype=param_dtype,
+  )
+  if model_cfg.stem == 'conv':
+    return ConvPatchStem(**common)
+  if model_cfg.stem == 'aape':
+    return AaPE(**common, **model_cfg.aape.to_dict())
+  raise ValueError(f'Unknown model.stem {model_cfg.stem!r}; choose one of {STEMS}.')
+
+
+def build_encoder(model_cfg: ConfigDict, drop_path: float | None = None) -> Encoder:
+  """The encoder (student and teacher share this architecture)."""
+  return Encoder(
+    stem=build_stem(model_cfg),
+    width=model_cfg.width,
+    depth=model_cfg.depth,
+    num_heads=model_cfg.num_heads,
+    mlp_dim=model_cfg.mlp_dim,
+    max_time_patches=model_cfg.max_time_patches,
+    drop_path=model_cfg.drop_path if drop_path is None else drop_path,
+    dtype=dtype_of(model_cfg.dtype),
+    param_dtype=dtype_of(model_cfg.param_dtype),
+    remat=model_cfg.remat,
+    attention_impl=_attention_impl(model_cfg),
+  )
+
+
+def build_predictor(model_cfg: ConfigDict):
+  """The masked-target predictor; outputs are projected to the encoder width."""
+  p = model_cfg.predictor
+  dtype, param_dtype = dtype_of(model_cfg.dtype), dtype_of(model_cfg.param_dtype)
+  if p.kind == 'cross_attention':
+    return CrossAttentionPredictor(
+      width=p.width,
+      depth=p.depth,
+      num_heads=p.num_heads,
+      mlp_ratio=p.mlp_ratio,
+      out_dim=model_cfg.width,
+      max_time_patches=model_cfg.max_time_patches,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      attention_impl=_attention_impl(model_cfg),
+    )
+  if p.kind == 'cnn':
+    return CnnDecoder(
+      width=p.width,
+      num_layers=p.cnn_layers,
+      kernel_size=p.cnn_kernel_size,
+      groups=p.cnn_groups,
+      out_dim=model_cfg.width,
+      dtype=dtype,
+      param_dtype=param_dtype,
+    )
+  raise ValueError(f'Unknown model.predictor.kind {p.kind!r}; choose one of {PREDICTORS}.')

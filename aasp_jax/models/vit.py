@@ -1,0 +1,170 @@
+"""The ViT encoder of AaSP: patch stem, fixed 2-D sin-cos positions, CLS token, pre-LN blocks.
+
+The encoder can encode a subset of tokens: given `visible_idx` [batch, num_visible] it adds positions to
+every patch token first and then gathers the visible ones, so a masked student sees exactly the tokens
+(and positions) that the full input would have given it, and pays only for those.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aasp_jax.models import posemb
+from aasp_jax.models.attention import Attention, Mlp, layer_norm
+
+Dtype = Any
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block with optional stochastic depth (used by fine-tuning)."""
+
+  num_heads: int
+  mlp_dim: int
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  def _drop_path(self, y, deterministic: bool):
+    if deterministic or self.drop_path == 0.0:
+      return y
+    keep = 1.0 - self.drop_path
+    # One Bernoulli draw per example: the whole residual branch is dropped or kept.
+    shape = (y.shape[0],) + (1,) * (y.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+    return jnp.where(mask, y / keep, jnp.zeros_like(y))
+
+  @nn.compact
+  def __call__(self, x_bnd, attn_mask=None, deterministic: bool = True):
+    y = layer_norm('norm1', self.dtype, self.param_dtype)(x_bnd)
+    y = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name='attn')(
+      y, mask=attn_mask
+    )
+    x_bnd = x_bnd + self._drop_path(y, deterministic)
+    y = layer_norm('norm2', self.dtype, self.param_dtype)(x_bnd)
+    y = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name='mlp')(y)
+    x_bnd = x_bnd + self._drop_path(y, deterministic)
+    return nn.with_logical_constraint(x_bnd, ('batch', 'tokens', 'embed'))
+
+
+class Encoder(nn.Module):
+  """Audio spectrogram transformer encoder.
+
+  Attributes:
+    stem: a patch stem module mapping [batch, time, freq] to a [batch, n_time, n_freq, width] grid
+      (ConvPatchStem or AaPE).
+    max_time_patches: length of the fixed position table along time (750 = 2 min at 16 frames/patch).
+    remat: rematerialise each block in the backward pass (saves activation memory).
+  """
+
+  stem: nn.Module
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  max_time_patches: int = 750
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+  attention_impl: str | None = None
+
+  def setup(self):
+    self.cls_token = self.param(
+      'cls',
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, 'embed')),
+      (1, 1, self.width),
+      self.param_dtype,
+    )
+    # static_argnums counts `self`: argument 3 is `deterministic`.
+    block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+    # Linearly increasing stochastic depth, as in DeiT/BEiT fine-tuning recipes.
+    rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
+    self.blocks = [
+      block_cls(
+        self.num_heads,
+        self.mlp_dim,
+        rates[i],
+        self.dtype,
+        self.param_dtype,
+        self.attention_impl,
+      )
+      for i in range(self.depth)
+    ]
+    self.norm = layer_norm('norm', self.dtype, self.param_dtype)
+
+  def embed(self, x_btf):
+    """Patchifies and adds positions. Returns (tokens [batch, n_time * n_freq, width], grid)."""
+    grid_btfd = self.stem(x_btf)
+    batch, n_time, n_freq, width = grid_btfd.shape
+    if width != self.width:
+      raise ValueError(f'Stem width {width} differs from encoder width {self.width}.')
+    pos_nd = posemb.grid_posemb(width, (n_time, n_freq), self.max_time_patches)
+    tokens_bnd = grid_btfd.reshape(batch, n_time * n_freq, width) + jnp.asarray(pos_nd, self.dtype)
+    tokens_bnd = nn.with_logical_constraint(
+      tokens_bnd.astype(self.dtype), ('batch', 'tokens', 'embed')
+    )
+    return tokens_bnd, (n_time, n_freq)
+
+  def encode_tokens(
+    self, tokens_bnd, token_valid_bn=None, deterministic: bool = True, return_layers: bool = False
+  ):
+    """Runs CLS + blocks + final norm over already position-embedded tokens.
+
+    Args:
+      tokens_bnd: [batch, n, width] tokens (any subset of the grid, positions already added).
+      token_valid_bn: optional bool [batch, n]; False marks padding that no token may attend to.
+      deterministic: disables stochastic depth.
+      return_layers: also return every block's output (before the final norm), for teacher targets.
+
+    Returns:
+      dict with 'cls' [batch, width], 'tokens' [batch, n, width] and optionally
+      'layers' [depth, batch, n, width] (patch tokens only).
+    """
+    batch = tokens_bnd.shape[0]
+    cls_b1d = jnp.broadcast_to(self.cls_token, (batch, 1, self.width)).astype(self.dtype)
+    x_bnd = jnp.concatenate([cls_b1d, tokens_bnd.astype(self.dtype)], axis=1)
+    attn_mask = None
+    if token_valid_bn is not None:
+      valid_bn = jnp.concatenate([jnp.ones((batch, 1), bool), token_valid_bn.astype(bool)], axis=1)
+      attn_mask = valid_bn[:, None, None, :]  # [batch, heads, queries, keys]
+    layers = []
+    for block in self.blocks:
+      x_bnd = block(x_bnd, attn_mask, deterministic)
+      if return_layers:
+        layers.append(x_bnd[:, 1:])
+    x_bnd = self.norm(x_bnd)
+    out = {'cls': x_bnd[:, 0], 'tokens': x_bnd[:, 1:]}
+    if return_layers:
+      out['layers'] = jnp.stack(layers)
+    return out
+
+  def __call__(
+    self,
+    x_btf,
+    visible_idx=None,
+    token_valid_bn=None,
+    deterministic: bool = True,
+    return_layers: bool = False,
+  ):
+    """Encodes a log-mel batch [batch, time, freq].
+
+    Args:
+      x_btf: normalised log-mel.
+      visible_idx: optional int [batch, num_visible] indices into the time-major token grid; only these
+        tokens are encoded (static shape: every example keeps the same number).
+      token_valid_bn: optional bool mask over the (gathered) tokens, False for padding.
+      deterministic: disables stochastic depth.
+      return_layers: also return per-block outputs.
+    """
+    tokens_bnd, _ = self.embed(x_btf)
+    if visible_idx is not None:
+      tokens_bnd = gather_tokens(tokens_bnd, visible_idx)
+    return self.encode_tokens(tokens_bnd, token_valid_bn, deterministic, return_layers)
+
+
+def gather_tokens(tokens_bnd, idx_bk):
+  """Selects tokens per example: [batch, n, d], [batch, k] -> [batch, k, d]."""
+  return jnp.take_along_axis(tokens_bnd, idx_bk[:, :, None].astype(jnp.int32), axis=1)

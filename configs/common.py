@@ -1,0 +1,126 @@
+"""Shared config pieces: the variant-string parser, the model/front-end sections, the mesh and the
+logical-axis rules. Every shipped config builds on these so one file runs on a CPU, GPUs or a TPU pod.
+"""
+
+import ast
+
+from ml_collections import ConfigDict, config_dict
+
+from aasp_jax.models.build import VARIANTS
+
+
+def parse_arg(arg: str | None, **defaults) -> ConfigDict:
+  """Parses 'k1=v1,k2=v2' into a ConfigDict, typed by `defaults`; unknown keys fail with the list.
+
+  A bare token without '=' (e.g. 'B/16') sets the first default key, so `pretrain.py:B` works.
+  """
+  out = ConfigDict(defaults)
+  if not arg:
+    return out
+  first_key = next(iter(defaults))
+  for item in arg.split(','):
+    key, sep, value = item.partition('=')
+    if not sep:
+      key, value = first_key, item
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r} in {arg!r}; valid: {sorted(defaults)}.')
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'Config argument {key}={value!r} must be true or false.')
+      out[key] = value.lower() in ('true', '1')
+    elif isinstance(default, (int, float)):
+      out[key] = type(default)(ast.literal_eval(value))
+    else:
+      out[key] = value
+  return out
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+  """'B/16' -> ('B', 16); 'tiny' -> ('tiny', 16)."""
+  name, _, patch = variant.partition('/')
+  if name not in VARIANTS:
+    raise ValueError(f'Unknown model variant {name!r}; choose one of {sorted(VARIANTS)}.')
+  return name, int(patch) if patch else 16
+
+
+def model_config(variant: str = 'B/16', stem: str = 'aape', predictor: str = 'cross_attention'):
+  """The `model` section. Sizes are copied from the variant so each stays overridable."""
+  name, patch = parse_variant(variant)
+  sizes = VARIANTS[name]
+  m = ConfigDict()
+  m.variant = name
+  m.width = sizes['width']
+  m.depth = sizes['depth']
+  m.num_heads = sizes['num_heads']
+  m.mlp_dim = sizes['mlp_dim']
+  m.patch_t = patch
+  m.patch_f = patch
+  m.stem = stem
+  # AaPE (design section 3); every key is a field of aasp_jax.models.aape.AaPE.
+  m.aape = ConfigDict(
+    dict(
+      num_modes=8,
+      kernel_size=31,
+      window='two_sided',
+      phase='analytic',
+      lambda_mode='adaptive',
+      fusion='gate',
+      delta=1.0,
+      learn_delta=False,
+      num_mod_bands=32,
+      lambda_hidden=64,
+    )
+  )
+  m.max_time_patches = 750  # 2 minutes at 100 frames/s and 16-frame patches
+  m.drop_path = 0.0
+  m.dtype = 'bfloat16'
+  m.param_dtype = 'float32'
+  m.remat = False
+  m.attention_impl = 'xla'  # or 'cudnn' on NVIDIA GPUs
+  tiny = name == 'tiny'
+  m.predictor = ConfigDict(
+    dict(
+      kind=predictor,
+      width=64 if tiny else 384,
+      depth=1 if tiny else 2,
+      num_heads=2 if tiny else 6,
+      mlp_ratio=4.0,
+      cnn_layers=6,
+      cnn_kernel_size=3,
+      cnn_groups=16,
+    )
+  )
+  return m
+
+
+def frontend_config(preset: str = 'eat_audiomae', target_length: int = 1024) -> ConfigDict:
+  """The `frontend` section: a named preset (aasp_jax.audio.presets) plus the clip length in frames.
+
+  norm_mean / norm_std override the preset's statistics (e.g. from `aasp-data stats`) when set.
+  """
+  f = ConfigDict()
+  f.preset = preset
+  f.target_length = target_length
+  f.norm_mean = config_dict.placeholder(float)
+  f.norm_std = config_dict.placeholder(float)
+  return f
+
+
+def mesh_config() -> ConfigDict:
+  """Mesh axis sizes; -1 fills with the remaining devices."""
+  return ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def logical_axis_rules() -> tuple[tuple[str, object], ...]:
+  """Maps the model's logical axis names to mesh axes (MaxText-style, first match wins)."""
+  return (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('tokens', None),
+    ('classes', None),
+  )

@@ -1,0 +1,26 @@
+"""AaSP pre-training config: one file for a CPU, 8 GPUs or a TPU pod, changed by overrides only.
+
+Inspect it (resolved config plus the abstract parameter count of its models):
+  python -m aasp_jax.configuration configs/pretrain.py:variant=B/16,stem=aape
+CPU-sized model:
+  python -m aasp_jax.configuration configs/pretrain.py:variant=tiny,target_length=256 \
+      --set model.aape.num_modes=4
+
+Arguments (after ':'): variant=tiny|S|B|L[/patch], stem=aape|conv, predictor=cross_attention|cnn,
+target_length=<frames, a multiple of the patch>.
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(
+    arg, variant='B/16', stem='aape', predictor='cross_attention', target_length=1024
+  )
+  config = common.ConfigDict()
+  config.seed = 0
+  config.model = common.model_config(args.variant, args.stem, args.predictor)
+  config.frontend = common.frontend_config('eat_audiomae', args.target_length)
+  config.mesh = common.mesh_config()
+  config.logical_axis_rules = common.logical_axis_rules()
+  return config

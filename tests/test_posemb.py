@@ -1,0 +1,39 @@
+"""Fixed 2-D sin-cos position table: analytic values, cropping, and errors."""
+
+import numpy as np
+import pytest
+
+from aasp_jax.models import posemb
+
+
+def test_values_follow_the_formula():
+  dim, n_time, n_freq = 16, 10, 4
+  table = posemb.sincos_table(dim, n_time, n_freq)
+  q = dim // 4
+  freqs = 1.0 / 10000 ** (np.arange(q) / q)
+  t, f = 7, 3
+  expected = np.concatenate(
+    [np.sin(t * freqs), np.cos(t * freqs), np.sin(f * freqs), np.cos(f * freqs)]
+  )
+  np.testing.assert_allclose(table[t, f], expected, atol=1e-6)
+
+
+def test_crop_is_a_prefix_of_the_long_table_and_time_major():
+  long = posemb.grid_posemb(32, (750, 8), 750)
+  short = posemb.grid_posemb(32, (64, 8), 750)
+  np.testing.assert_array_equal(short, long[: 64 * 8])
+  table = posemb.sincos_table(32, 750, 8)
+  np.testing.assert_array_equal(short[5 * 8 + 3], table[5, 3])
+
+
+def test_positions_are_distinct():
+  emb = posemb.grid_posemb(64, (64, 8), 750)
+  dist = np.linalg.norm(emb[:, None] - emb[None], axis=-1)
+  assert dist[~np.eye(len(emb), dtype=bool)].min() > 1e-3
+
+
+def test_errors():
+  with pytest.raises(ValueError, match='divisible by 4'):
+    posemb.sincos_table(30, 4, 4)
+  with pytest.raises(ValueError, match='max_time_patches'):
+    posemb.grid_posemb(32, (751, 8), 750)

@@ -1,0 +1,179 @@
+"""The ViT encoder: numpy reference, visible-token encoding, padding masks, dtypes, remat, jit."""
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import numpy_vit
+from aasp_jax.models import posemb
+from aasp_jax.models.conv_stem import ConvPatchStem
+from aasp_jax.models.vit import Encoder
+
+T, F, P, D, DEPTH = 64, 32, 8, 32, 2
+GRID = (T // P, F // P)
+N = GRID[0] * GRID[1]
+
+
+def make_encoder(dtype=jnp.float32, remat=False, drop_path=0.0):
+  stem = ConvPatchStem(embed_dim=D, patch_t=P, patch_f=P, dtype=dtype)
+  return Encoder(
+    stem=stem,
+    width=D,
+    depth=DEPTH,
+    num_heads=4,
+    mlp_dim=64,
+    max_time_patches=16,
+    dtype=dtype,
+    remat=remat,
+    drop_path=drop_path,
+  )
+
+
+@pytest.fixture(scope='module')
+def setup():
+  enc = make_encoder()
+  x = jax.random.normal(jax.random.key(1), (3, T, F))
+  variables = flax.core.unfreeze(enc.init(jax.random.key(0), x))
+  # Non-trivial CLS/bias values so the reference comparison exercises every parameter.
+  variables = jax.tree.map(
+    lambda a: a + 0.01 * jax.random.normal(jax.random.key(7), a.shape), variables
+  )
+  return enc, variables, x
+
+
+def patch_tokens_numpy(x, variables):
+  """Conv stem with kernel = stride as a patch reshape + matmul, plus the fixed positions."""
+  p = numpy_vit.to_numpy(variables['params']['stem']['proj'])
+  b = x.shape[0]
+  patches = np.asarray(x, np.float64).reshape(b, GRID[0], P, GRID[1], P).transpose(0, 1, 3, 2, 4)
+  kernel = p['kernel'][:, :, 0, :]  # [P, P, D]
+  tokens = np.einsum('btfij,ijd->btfd', patches, kernel) + p['bias']
+  return tokens.reshape(b, N, D) + posemb.grid_posemb(D, GRID, 16)
+
+
+def test_forward_matches_numpy_reference(setup):
+  enc, variables, x = setup
+  out = enc.apply(variables, x)
+  ref_cls, ref_tokens = numpy_vit.encode_tokens(
+    patch_tokens_numpy(x, variables), variables['params'], DEPTH
+  )
+  np.testing.assert_allclose(out['cls'], ref_cls, atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(out['tokens'], ref_tokens, atol=2e-5, rtol=1e-4)
+
+
+def test_visible_tokens_equal_explicit_gather(setup):
+  enc, variables, x = setup
+  rng = np.random.default_rng(0)
+  idx = np.stack([np.sort(rng.choice(N, 7, replace=False)) for _ in range(x.shape[0])])
+  out = enc.apply(variables, x, visible_idx=jnp.asarray(idx))
+  tokens, _ = enc.apply(variables, x, method='embed')
+  gathered = np.take_along_axis(np.asarray(tokens), idx[:, :, None], axis=1)
+  ref = enc.apply(variables, jnp.asarray(gathered), method='encode_tokens')
+  np.testing.assert_allclose(out['tokens'], ref['tokens'], atol=1e-6)
+  np.testing.assert_allclose(out['cls'], ref['cls'], atol=1e-6)
+  # And against the independent numpy model on the same subset.
+  ref_cls, ref_tokens = numpy_vit.encode_tokens(
+    np.take_along_axis(patch_tokens_numpy(x, variables), idx[:, :, None], axis=1),
+    variables['params'],
+    DEPTH,
+  )
+  np.testing.assert_allclose(out['tokens'], ref_tokens, atol=2e-5, rtol=1e-4)
+
+
+def test_masked_patches_do_not_reach_visible_outputs(setup):
+  """With the (local) conv stem, changing the content of hidden patches changes nothing visible."""
+  enc, variables, x = setup
+  idx = jnp.asarray(np.tile(np.arange(0, N, 3), (x.shape[0], 1)))
+  x2 = np.array(x)
+  for token in sorted(set(range(N)) - {int(i) for i in np.asarray(idx[0])}):
+    t, f = divmod(token, GRID[1])
+    x2[:, t * P : (t + 1) * P, f * P : (f + 1) * P] += 5.0
+  a = enc.apply(variables, x, visible_idx=idx)
+  b = enc.apply(variables, jnp.asarray(x2), visible_idx=idx)
+  np.testing.assert_allclose(a['tokens'], b['tokens'], atol=1e-6)
+  assert not np.allclose(
+    enc.apply(variables, x)['cls'], enc.apply(variables, jnp.asarray(x2))['cls']
+  )
+
+
+def test_padding_mask_matches_reference_and_isolates_padding(setup):
+  enc, variables, x = setup
+  valid = np.ones((x.shape[0], N), bool)
+  valid[:, -GRID[1] * 3 :] = False  # last three time patches are padding
+  out = enc.apply(variables, x, token_valid_bn=jnp.asarray(valid))
+  ref_cls, ref_tokens = numpy_vit.encode_tokens(
+    patch_tokens_numpy(x, variables), variables['params'], DEPTH, valid
+  )
+  np.testing.assert_allclose(out['cls'], ref_cls, atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(
+    out['tokens'][:, valid[0]], ref_tokens[:, valid[0]], atol=2e-5, rtol=1e-4
+  )
+  x2 = np.array(x)
+  x2[:, -3 * P :] = -7.0
+  out2 = enc.apply(variables, jnp.asarray(x2), token_valid_bn=jnp.asarray(valid))
+  np.testing.assert_allclose(out['cls'], out2['cls'], atol=1e-6)
+
+
+def test_return_layers_and_final_norm(setup):
+  enc, variables, x = setup
+  out = enc.apply(variables, x, return_layers=True)
+  chex.assert_shape(out['layers'], (DEPTH, x.shape[0], N, D))
+  last = np.asarray(out['layers'][-1], np.float64)
+  ref = numpy_vit.layer_norm(last, numpy_vit.to_numpy(variables['params']['norm']))
+  np.testing.assert_allclose(out['tokens'], ref, atol=2e-5)
+
+
+def test_remat_gives_same_outputs_and_gradients(setup):
+  _, variables, x = setup
+  plain, remat = make_encoder(), make_encoder(remat=True)
+
+  def loss(module, params):
+    return jnp.sum(module.apply({'params': params}, x)['tokens'] ** 2)
+
+  g1 = jax.grad(lambda p: loss(plain, p))(variables['params'])
+  g2 = jax.grad(lambda p: loss(remat, p))(variables['params'])
+  chex.assert_trees_all_close(g1, g2, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_compute_with_float32_params(setup):
+  _, variables, x = setup
+  enc16 = make_encoder(dtype=jnp.bfloat16)
+  out16 = enc16.apply(variables, x)
+  out32 = make_encoder().apply(variables, x)
+  assert out16['tokens'].dtype == jnp.bfloat16
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+  np.testing.assert_allclose(
+    np.asarray(out16['tokens'], np.float32), out32['tokens'], atol=0.1, rtol=0.1
+  )
+
+
+def test_drop_path_is_stochastic_only_in_training(setup):
+  _, variables, x = setup
+  enc = make_encoder(drop_path=0.5)
+  det = enc.apply(variables, x)
+  np.testing.assert_allclose(det['tokens'], make_encoder().apply(variables, x)['tokens'], atol=1e-6)
+  a = enc.apply(variables, x, deterministic=False, rngs={'dropout': jax.random.key(1)})
+  b = enc.apply(variables, x, deterministic=False, rngs={'dropout': jax.random.key(2)})
+  assert not np.allclose(a['tokens'], b['tokens'])
+
+
+def test_jit_does_not_retrace(setup):
+  enc, variables, x = setup
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def forward(v, x, idx):
+    return enc.apply(v, x, visible_idx=idx)['cls']
+
+  idx = jnp.zeros((x.shape[0], 5), jnp.int32)
+  forward(variables, x, idx)
+  forward(variables, x + 1.0, idx + 1)
+
+
+def test_input_longer_than_position_table_fails_clearly():
+  enc = make_encoder()
+  with pytest.raises(ValueError, match='max_time_patches'):
+    enc.init(jax.random.key(0), jnp.zeros((1, 17 * P, F)))
