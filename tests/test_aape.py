@@ -149,6 +149,7 @@ def test_lambda_encoder_outputs_stay_in_range(lambda_mode):
       context = f'{lambda_mode}/{which}/{name}'
       assert np.all(np.isfinite(alpha[i])) and np.all(np.isfinite(omega[i])), context
       assert np.all(alpha[i] > np.float32(alpha_min)), context
+      assert np.all(alpha[i] < np.float32(sblu.alpha_max(kernel_size))), context
       assert np.all(omega[i] > np.float32(low)), context
       assert np.all(omega[i] <= np.float32(high)), context
     if which == 'wild' and lambda_mode == 'adaptive':
@@ -416,3 +417,15 @@ def test_errors():
     aape.AaPE(embed_dim=8, delta=0.0)
   with pytest.raises(ValueError, match="LambdaEncoder.lambda_mode='fixd' is not valid"):
     aape.LambdaEncoder(lambda_mode='fixd')
+
+
+def test_extreme_parameters_keep_the_tokens_finite():
+  """Large Lambda-encoder weights saturate alpha at alpha_max instead of overflowing s(Lambda)."""
+  model = aape.AaPE(embed_dim=32, num_modes=2)
+  x = jnp.asarray(_x((2, 64, 32), 3))
+  variables = model.init(jax.random.key(0, impl='rbg'), x)
+  wild = jax.tree.map(lambda a: a + 1.0, variables)  # alpha ~ 2e3 before it was bounded
+  tokens, state = model.apply(wild, x + 1.0, mutable=['intermediates'])
+  assert np.all(np.isfinite(np.asarray(tokens)))
+  alpha = np.asarray(state['intermediates']['alpha'][0])
+  np.testing.assert_array_less(alpha, sblu.alpha_max(31))

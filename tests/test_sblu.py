@@ -165,6 +165,7 @@ def test_constrain_lambda_is_strictly_inside_and_invertible():
   alpha, omega = sblu.constrain_lambda(z, z, 31, 16)
   assert np.all(np.isfinite(alpha)) and np.all(np.isfinite(omega))
   assert np.all(alpha > np.float32(alpha_min))
+  assert np.all(alpha < np.float32(sblu.alpha_max(31)))
   assert np.all(omega > np.float32(omega_low)) and np.all(omega <= np.float32(omega_high))
   want_alpha = np.array([0.4, 0.7, 1.3])
   want_omega = np.array([0.3, 1.5, 3.1])
@@ -172,8 +173,12 @@ def test_constrain_lambda_is_strictly_inside_and_invertible():
   alpha, omega = sblu.constrain_lambda(z_alpha, z_omega, 31, 16)
   np.testing.assert_allclose(alpha, want_alpha, rtol=1e-5)
   np.testing.assert_allclose(omega, want_omega, rtol=1e-5)
-  with pytest.raises(ValueError, match='omega must lie'):
+  with pytest.raises(ValueError, match='omega inside'):
     sblu.unconstrain_lambda(0.5, 0.1, 31, 16)
+  with pytest.raises(ValueError, match='alpha must lie inside'):
+    sblu.unconstrain_lambda(4.0, 1.0, 31, 16)
+  # Small kernels have alpha_min above pi; the upper bound stays above it.
+  assert sblu.alpha_max(3) == 2 * sblu.lambda_bounds(3, 16)[0]
 
 
 def _ref_conv_same(u_btf, h_bgnk):

@@ -33,7 +33,7 @@ PHASES = ('analytic', 'literal')
 EDGE_DECAY = 0.01
 
 # The bounded parameterisation keeps this relative margin from the ends of each range, so that
-# alpha > alpha_min and omega > omega_low hold strictly even when a sigmoid or softplus saturates
+# alpha > alpha_min and omega > omega_low hold strictly even when a sigmoid saturates
 # in float32 (sigmoid(-100) rounds to 0, which would put omega exactly on the excluded edge).
 _MARGIN = 1e-5
 
@@ -74,17 +74,31 @@ def lambda_bounds(kernel_size: int, patch_t: int, delta=1.0) -> Tuple:
   return alpha_min, math.pi / (patch_t * delta), math.pi / delta
 
 
-def constrain_lambda(z_alpha, z_omega, kernel_size: int, patch_t: int, delta=1.0):
-  """Maps unconstrained outputs to alpha in (alpha_min, inf) and omega in (omega_low, omega_high).
+def alpha_max(kernel_size: int, delta=1.0):
+  """The largest decay the Lambda encoder may output: max(pi, 2 alpha_min) / delta.
 
-  alpha = alpha_min (1 + margin) + softplus(z_alpha) and
-  omega = omega_low + (omega_high - omega_low) (margin + (1 - 2 margin) sigmoid(z_omega)):
-  affine in softplus/sigmoid (so gradients are never clipped) and strictly inside the range.
+  At delta*alpha = pi the taps fall by e^-pi (4%) per frame, so the kernel is already a near-delta
+  with no frequency selectivity left. The bound is also what keeps the kernel finite: the design's
+  s(Lambda) = 2 sinh(delta Lambda / 2) / Lambda grows like e^(delta alpha / 2) and overflows float32
+  once delta*alpha passes ~178, which an unbounded softplus reaches on extreme inputs.
+  """
+  alpha_min_unit = lambda_bounds(kernel_size, 1)[0]
+  return max(math.pi, 2.0 * alpha_min_unit) / delta
+
+
+def constrain_lambda(z_alpha, z_omega, kernel_size: int, patch_t: int, delta=1.0):
+  """Maps unconstrained outputs to alpha in (alpha_min, alpha_max) and omega in (omega_low, omega_high).
+
+  alpha = a_lo + (a_hi - a_lo) sigmoid(z_alpha) and
+  omega = omega_low + (omega_high - omega_low) (margin + (1 - 2 margin) sigmoid(z_omega)), with
+  a_lo = alpha_min (1 + margin), a_hi = alpha_max (1 - margin): affine in a sigmoid (so gradients
+  are never clipped) and strictly inside both ranges, whatever the input.
   """
   alpha_min, omega_low, omega_high = lambda_bounds(kernel_size, patch_t, delta)
+  a_lo, a_hi = alpha_min * (1.0 + _MARGIN), alpha_max(kernel_size, delta) * (1.0 - _MARGIN)
   z_alpha = jnp.asarray(z_alpha, jnp.float32)
   z_omega = jnp.asarray(z_omega, jnp.float32)
-  alpha = alpha_min * (1.0 + _MARGIN) + jax.nn.softplus(z_alpha)
+  alpha = a_lo + (a_hi - a_lo) * jax.nn.sigmoid(z_alpha)
   frac = _MARGIN + (1.0 - 2.0 * _MARGIN) * jax.nn.sigmoid(z_omega)
   omega = omega_low + (omega_high - omega_low) * frac
   return alpha, omega
@@ -93,15 +107,17 @@ def constrain_lambda(z_alpha, z_omega, kernel_size: int, patch_t: int, delta=1.0
 def unconstrain_lambda(alpha, omega, kernel_size: int, patch_t: int, delta=1.0):
   """Inverse of `constrain_lambda` (numpy, float64): the raw values that give (alpha, omega)."""
   alpha_min, omega_low, omega_high = lambda_bounds(kernel_size, patch_t, float(delta))
-  soft = np.asarray(alpha, np.float64) - alpha_min * (1.0 + _MARGIN)
+  a_lo = alpha_min * (1.0 + _MARGIN)
+  a_hi = alpha_max(kernel_size, float(delta)) * (1.0 - _MARGIN)
+  sig_a = (np.asarray(alpha, np.float64) - a_lo) / (a_hi - a_lo)
   frac = (np.asarray(omega, np.float64) - omega_low) / (omega_high - omega_low)
   sig = (frac - _MARGIN) / (1.0 - 2.0 * _MARGIN)
-  if np.any(soft <= 0) or np.any(sig <= 0) or np.any(sig >= 1):
+  if np.any(sig_a <= 0) or np.any(sig_a >= 1) or np.any(sig <= 0) or np.any(sig >= 1):
     raise ValueError(
-      f'alpha must exceed alpha_min={alpha_min:.4g} and omega must lie inside '
+      f'alpha must lie inside ({a_lo:.4g}, {a_hi:.4g}) and omega inside '
       f'({omega_low:.4g}, {omega_high:.4g}).'
     )
-  z_alpha = soft + np.log(-np.expm1(-soft))  # inverse softplus, stable for small and large soft
+  z_alpha = np.log(sig_a) - np.log1p(-sig_a)
   z_omega = np.log(sig) - np.log1p(-sig)
   return z_alpha, z_omega
 
