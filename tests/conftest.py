@@ -3,7 +3,15 @@
 import os
 import sys
 
-from absl import flags
+# Multi-device tests need 8 fake CPU devices, and XLA reads this flag once, when the first test
+# initialises the backend. Those test files set it themselves before importing jax (so they also run
+# alone); setting it here too makes the suite independent of collection order. Single-device tests
+# run on device 0 as before.
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+).strip()
+
+from absl import flags  # noqa: E402
 
 # grain worker processes and absl-based entry points read absl flags; tests never parse argv.
 flags.FLAGS.mark_as_parsed()
