@@ -50,15 +50,21 @@ def window(preset: presets_lib.FrontEndPreset) -> np.ndarray:
 
 
 def process_frames(frames_tn: np.ndarray, preset: presets_lib.FrontEndPreset) -> np.ndarray:
-  """Kaldi's per-frame steps in float64: DC removal, pre-emphasis, window. [T, N] -> [T, N]."""
-  frames_tn = np.asarray(frames_tn, dtype=np.float64)
+  """Kaldi's per-frame steps in float64: DC removal, pre-emphasis, window. [T, N] -> [T, N].
+
+  Works in place on one float64 copy: a 10 s clip's frames are 3 MB, and every temporary of that
+  size costs fresh pages from the OS, which made the naive version 5x slower than the arithmetic.
+  """
+  out_tn = np.array(frames_tn, dtype=np.float64)  # the one copy
   if preset.remove_dc_offset:
-    frames_tn = frames_tn - frames_tn.mean(axis=1, keepdims=True)
+    out_tn -= out_tn.mean(axis=1, keepdims=True)
   if preset.preemphasis:
-    # Kaldi's convention: the first sample is pre-emphasised against itself.
-    previous_tn = np.concatenate([frames_tn[:, :1], frames_tn[:, :-1]], axis=1)
-    frames_tn = frames_tn - preset.preemphasis * previous_tn
-  return frames_tn * window(preset)
+    # Kaldi's convention: x[i] -= c x[i-1] for i > 0 and the first sample against itself. numpy
+    # buffers the overlapping in-place update, so every term uses the pre-update neighbour.
+    out_tn[:, 1:] -= preset.preemphasis * out_tn[:, :-1]
+    out_tn[:, 0] *= 1.0 - preset.preemphasis
+  out_tn *= window(preset)
+  return out_tn
 
 
 @functools.lru_cache(maxsize=None)

@@ -47,6 +47,10 @@ class PipelineOptions:
   clip_samples: int | None = None
   num_workers: int = 0
   worker_buffer_size: int = 2
+  # Threads that decode elements inside each process (grain's ReadOptions). Decoding is mostly
+  # GIL-free numpy/libsndfile work, so a few threads per worker overlap I/O and compute.
+  read_threads: int = 4
+  read_buffer_size: int = 64
   strict: bool = False
   min_samples: int = 2960
   silence_rms: float = 1e-5
@@ -232,7 +236,12 @@ def make_dataset(
   # Host p takes positions p, p + P, ... of the global stream: disjoint, and together one epoch.
   ds = ds[process_index::process_count]
   ds = ds.random_map(LoadClip(options), seed=options.seed + 1)
-  ds = SkipAccountingBatch(ds.to_iter_dataset(), options.batch_size, options.drop_remainder)
+  read_options = grain.ReadOptions(
+    num_threads=options.read_threads, prefetch_buffer_size=options.read_buffer_size
+  )
+  ds = SkipAccountingBatch(
+    ds.to_iter_dataset(read_options), options.batch_size, options.drop_remainder
+  )
   if options.num_workers > 0:
     ds = ds.mp_prefetch(
       grain.MultiprocessingOptions(
