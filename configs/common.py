@@ -124,3 +124,39 @@ def logical_axis_rules() -> tuple[tuple[str, object], ...]:
     ('tokens', None),
     ('classes', None),
   )
+
+
+def objective_config(depth: int) -> ConfigDict:
+  """Masking, teacher targets, loss weights and the contrastive head (design section 4)."""
+  o = ConfigDict()
+  o.num_clones = 16  # M masked copies of every clip; the teacher runs once per clip
+  o.mask_ratio = 0.8
+  o.mask_block_size = 5
+  o.top_k_layers = depth  # teacher targets average the top k block outputs (all of ViT-B's 12)
+  o.utterance_weight = 1.0
+  o.contrastive_weight = 1.0
+  o.temperature = 0.1
+  o.projection_hidden = 512
+  o.projection_dim = 128
+  o.min_target_std = 0.01  # collapse guard: stop when a std falls below this
+  o.min_prediction_std = 0.01
+  return o
+
+
+def optimizer_config() -> ConfigDict:
+  """AdamW with warm-up + cosine; `lr` is the peak at `reference_batch` clips, scaled linearly."""
+  return ConfigDict(
+    dict(
+      lr=5e-4,
+      reference_batch=48,
+      b1=0.9,
+      b2=0.95,
+      weight_decay=0.05,
+      warmup_fraction=0.1,
+      end_lr_fraction=0.0,
+      clip_norm=4.0,
+      ema_start=0.9998,
+      ema_end=0.99999,
+      ema_anneal_steps=100_000,
+    )
+  )

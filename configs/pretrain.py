@@ -21,6 +21,10 @@ def get_config(arg: str | None = None):
   config.seed = 0
   config.model = common.model_config(args.variant, args.stem, args.predictor)
   config.frontend = common.frontend_config('eat_audiomae', args.target_length)
+  config.objective = common.objective_config(config.model.depth)
+  config.optimizer = common.optimizer_config()
+  config.global_batch = 48
+  config.total_steps = 400_000
   config.mesh = common.mesh_config()
   config.logical_axis_rules = common.logical_axis_rules()
   return config

@@ -17,36 +17,37 @@ def gelu(x):
 
 
 def dense_general(x, p):
-  """x [..., d] with kernel [d, h, k] -> [..., h, k]; or [..., h, k] with kernel [h, k, d] -> [..., d]."""
-  k = np.asarray(p['kernel'], np.float64)
-  if k.ndim == 3 and x.shape[-1] == k.shape[0]:
-    return np.einsum('...d,dhk->...hk', x, k) + p['bias']
-  if k.ndim == 3:
-    return np.einsum('...hk,hkd->...d', x, k) + p['bias']
-  return x @ k + p['bias']
+  """x [..., d_in] @ kernel [d_in, d_out] + bias."""
+  return x @ np.asarray(p['kernel'], np.float64) + p['bias']
 
 
-def attention(x_q, x_kv, p, mask=None):
-  q = dense_general(x_q, p['query'])
-  k = dense_general(x_kv, p['key'])
-  v = dense_general(x_kv, p['value'])
+def attention(x_q, x_kv, p, num_heads, mask=None):
+  def heads(y):
+    return y.reshape(*y.shape[:-1], num_heads, y.shape[-1] // num_heads)
+
+  q = heads(dense_general(x_q, p['query']))
+  k = heads(dense_general(x_kv, p['key']))
+  v = heads(dense_general(x_kv, p['value']))
   logits = np.einsum('bqhk,bshk->bhqs', q, k) / np.sqrt(q.shape[-1])
   if mask is not None:
     logits = np.where(mask, logits, -1e30)
   logits = logits - logits.max(-1, keepdims=True)
   w = np.exp(logits)
   w = w / w.sum(-1, keepdims=True)
-  return dense_general(np.einsum('bhqs,bshk->bqhk', w, v), p['out'])
+  out = np.einsum('bhqs,bshk->bqhk', w, v)
+  return dense_general(out.reshape(*out.shape[:-2], -1), p['out'])
 
 
-def block(x, p, mask=None):
-  x = x + attention(layer_norm(x, p['norm1']), layer_norm(x, p['norm1']), p['attn'], mask)
+def block(x, p, num_heads, mask=None):
+  x = x + attention(
+    layer_norm(x, p['norm1']), layer_norm(x, p['norm1']), p['attn'], num_heads, mask
+  )
   h = layer_norm(x, p['norm2'])
   h = gelu(dense_general(h, p['mlp']['fc1']))
   return x + dense_general(h, p['mlp']['fc2'])
 
 
-def encode_tokens(tokens_bnd, params, depth, valid_bn=None):
+def encode_tokens(tokens_bnd, params, depth, valid_bn=None, num_heads=4):
   """CLS + blocks + final norm, given position-embedded tokens. Returns (cls, tokens)."""
   params = to_numpy(params)
   b, _, d = tokens_bnd.shape
@@ -56,7 +57,7 @@ def encode_tokens(tokens_bnd, params, depth, valid_bn=None):
     valid = np.concatenate([np.ones((b, 1), bool), valid_bn], axis=1)
     mask = valid[:, None, None, :]
   for i in range(depth):
-    x = block(x, params[f'blocks_{i}'], mask)
+    x = block(x, params[f'blocks_{i}'], num_heads, mask)
   x = layer_norm(x, params['norm'])
   return x[:, 0], x[:, 1:]
 

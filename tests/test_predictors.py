@@ -26,6 +26,7 @@ def predictor_numpy(params, visible, masked_idx, depth):
       numpy_vit.layer_norm(q, p[f'block_{i}_norm_q']),
       numpy_vit.layer_norm(kv, p[f'block_{i}_norm_kv']),
       p[f'block_{i}_cross_attn'],
+      2,
     )
     h = numpy_vit.layer_norm(q, p[f'block_{i}_norm_mlp'])
     h = numpy_vit.gelu(numpy_vit.dense_general(h, p[f'block_{i}_mlp']['fc1']))

@@ -1,7 +1,8 @@
 """Multi-head attention and MLP blocks shared by the encoder and the cross-attention predictor.
 
-Query, key and value are separate DenseGeneral projections with logical axes ('embed', 'heads', 'kv'),
-so tensor parallelism can split heads; the export code fuses them into timm's qkv layout.
+Query, key and value are separate Dense projections [width, width] with logical axes
+('embed', 'heads'), reshaped into heads; tensor parallelism splits the heads dimension, and the export
+code concatenates them into timm's fused qkv layout.
 """
 
 from typing import Any
@@ -39,14 +40,17 @@ class Attention(nn.Module):
     head_dim = width // self.num_heads
 
     def project(name, x):
-      return nn.DenseGeneral(
-        (self.num_heads, head_dim),
+      # A plain Dense to width, split into heads afterwards (timm's layout); the 'heads' axis of the
+      # kernel is the fused heads x head_dim dimension, which tensor parallelism splits by heads.
+      y = nn.Dense(
+        width,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
-        kernel_init=_dense_init(('embed', 'heads', 'kv')),
-        bias_init=_bias_init(('heads', 'kv')),
+        kernel_init=_dense_init(('embed', 'heads')),
+        bias_init=_bias_init(('heads',)),
         name=name,
       )(x)
+      return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
 
     q_bqhk = project('query', x_q)
     k_bshk = project('key', x_kv)
@@ -54,15 +58,14 @@ class Attention(nn.Module):
     out_bqhk = jax.nn.dot_product_attention(
       q_bqhk, k_bshk, v_bshk, mask=mask, implementation=self.implementation
     )
-    return nn.DenseGeneral(
+    return nn.Dense(
       width,
-      axis=(-2, -1),
       dtype=self.dtype,
       param_dtype=self.param_dtype,
-      kernel_init=_dense_init(('heads', 'kv', 'embed')),
+      kernel_init=_dense_init(('heads', 'embed')),
       bias_init=_bias_init(('embed',)),
       name='out',
-    )(out_bqhk)
+    )(out_bqhk.reshape(*out_bqhk.shape[:-2], width))
 
 
 class Mlp(nn.Module):

@@ -1,0 +1,89 @@
+"""The AaSP model bundle: encoder (student and EMA teacher), predictor and contrastive projection,
+plus the static settings of the objective, built once from the config."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+
+from aasp_jax import configuration
+from aasp_jax.audio import fbank_device
+from aasp_jax.audio.presets import FrontEndPreset
+from aasp_jax.models import build
+from aasp_jax.models.heads import ProjectionHead
+
+
+@dataclasses.dataclass(frozen=True)
+class AaSPObjective:
+  """Everything the train step needs besides arrays; hashable, so it can close over a jit."""
+
+  encoder: object
+  predictor: object
+  projection: ProjectionHead
+  preset: FrontEndPreset
+  grid: tuple[int, int]
+  num_clones: int
+  mask_ratio: float
+  mask_block_size: int
+  top_k_layers: int
+  utterance_weight: float
+  contrastive_weight: float
+  temperature: float
+
+  @classmethod
+  def from_config(cls, cfg: ConfigDict) -> 'AaSPObjective':
+    m, o = cfg.model, cfg.objective
+    preset = configuration.frontend_preset(cfg)
+    if not 1 <= o.top_k_layers <= m.depth:
+      raise ValueError(
+        f'objective.top_k_layers={o.top_k_layers} must be between 1 and model.depth={m.depth}.'
+      )
+    if o.num_clones < 2 and o.contrastive_weight > 0:
+      raise ValueError(
+        f'objective.num_clones={o.num_clones}: the multi-mask contrastive loss needs at least 2 '
+        'clones per clip; raise num_clones or set objective.contrastive_weight=0.'
+      )
+    return cls(
+      encoder=build.build_encoder(m),
+      predictor=build.build_predictor(m),
+      projection=ProjectionHead(
+        o.projection_hidden,
+        o.projection_dim,
+        build.dtype_of(m.dtype),
+        build.dtype_of(m.param_dtype),
+      ),
+      preset=preset,
+      grid=(preset.target_length // m.patch_t, preset.num_mel_bins // m.patch_f),
+      num_clones=o.num_clones,
+      mask_ratio=o.mask_ratio,
+      mask_block_size=o.mask_block_size,
+      top_k_layers=o.top_k_layers,
+      utterance_weight=o.utterance_weight,
+      contrastive_weight=o.contrastive_weight,
+      temperature=o.temperature,
+    )
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+  def features(self, batch: dict) -> jax.Array:
+    """Normalised log-mel [B, T, F]: computed on device from waveforms, or taken from the batch."""
+    if 'log_mel' in batch:
+      return batch['log_mel'].astype(jnp.float32)
+    return fbank_device.features(batch['waveform'], self.preset, batch.get('num_samples'))
+
+  def init_params(self, rng: jax.Array) -> dict:
+    """Student parameters (boxed with logical axes): encoder, predictor and projection head."""
+    k_enc, k_pred, k_proj = jax.random.split(rng, 3)
+    x = jnp.zeros((1, self.preset.target_length, self.preset.num_mel_bins), jnp.float32)
+    width = self.encoder.width
+    idx = jnp.zeros((1, 1), jnp.int32)
+    return {
+      'encoder': self.encoder.init(k_enc, x)['params'],
+      'predictor': self.predictor.init(
+        k_pred, jnp.zeros((1, 1, width), jnp.float32), idx, idx, self.grid
+      )['params'],
+      'projection': self.projection.init(k_proj, jnp.zeros((1, width), jnp.float32))['params'],
+    }

@@ -1,0 +1,158 @@
+"""The AaSP train step: one jit over a global batch.
+
+Per step: log-mel on device; the EMA teacher runs ONCE per clip and gives targets (top-k block
+outputs, instance-normalised, averaged, layer-normalised); inverse block masks are drawn on device
+for M clones per clip; the student's stem runs once per clip and each clone encodes only its visible
+tokens; the cross-attention predictor predicts the teacher targets at the masked positions; the loss
+is frame MSE + utterance MSE + the multi-mask contrastive InfoNCE over the whole global batch of
+clones; AdamW updates the student and the teacher follows by EMA.
+
+Clone rows are clip-major: rows b*M .. b*M + M - 1 are the clones of clip b.
+"""
+
+import functools
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from aasp_jax import losses, masking
+from aasp_jax.train.objective import AaSPObjective
+from aasp_jax.train.optimizer import ema_decay
+from aasp_jax.train.state import TrainState
+
+
+def teacher_forward(objective: AaSPObjective, teacher_params, x_btf) -> jax.Array:
+  """Teacher targets [B, N, D] for whole clips (no masking, no gradient)."""
+  out = objective.encoder.apply({'params': teacher_params}, x_btf, return_layers=True)
+  targets = losses.teacher_targets(out['layers'], objective.top_k_layers)
+  return jax.lax.stop_gradient(targets)
+
+
+def student_loss(objective: AaSPObjective, params, x_btf, targets_bnd, masks):
+  """Total loss and its parts for the M masked clones of every clip."""
+  o, m = objective, objective.num_clones
+  batch = x_btf.shape[0]
+  enc = {'params': params['encoder']}
+  tokens_bnd, _ = o.encoder.apply(enc, x_btf, method='embed')  # the stem runs once per clip
+  clip_of_row = jnp.arange(batch * m) // m
+  # Gather each clone's visible tokens from its clip without materialising B*M full copies.
+  visible_rvd = tokens_bnd[clip_of_row[:, None], masks.visible_idx]
+  out = o.encoder.apply(enc, visible_rvd, method='encode_tokens')
+  pred_rkd = o.predictor.apply(
+    {'params': params['predictor']}, out['tokens'], masks.visible_idx, masks.masked_idx, o.grid
+  )
+  frame = losses.frame_loss(pred_rkd, targets_bnd, masks.masked_idx, m)
+  utterance = losses.utterance_loss(out['cls'], targets_bnd, m)
+  total = frame + o.utterance_weight * utterance
+  aux = {
+    'frame_loss': frame,
+    'utterance_loss': utterance,
+    'prediction_std': losses.variance(pred_rkd),
+    # RankMe of the clip embeddings (clones' CLS averaged per clip): the collapse signal.
+    'effective_rank': losses.effective_rank(
+      out['cls'].astype(jnp.float32).reshape(batch, m, -1).mean(axis=1)
+    ),
+  }
+  if o.contrastive_weight > 0:
+    z_rd = o.projection.apply({'params': params['projection']}, out['cls'])
+    contrastive = losses.multi_positive_infonce(z_rd, losses.clip_ids(batch, m), o.temperature)
+    total = total + o.contrastive_weight * contrastive
+  else:
+    contrastive = jnp.zeros((), jnp.float32)
+  aux['contrastive_loss'] = contrastive
+  return total, aux
+
+
+def train_step(
+  state: TrainState, batch: dict, rng: jax.Array, *, objective: AaSPObjective, tx, schedule, opt_cfg
+):
+  """(state, global batch, base rng) -> (new state, metrics). Pure; jitted by `compile_step`."""
+  o = objective
+  step_rng = jax.random.fold_in(rng, state.step)
+  x_btf = o.features(batch)
+  targets_bnd = teacher_forward(o, state.teacher, x_btf)
+  masks = masking.inverse_block_mask(
+    step_rng, x_btf.shape[0] * o.num_clones, o.grid, o.mask_ratio, o.mask_block_size
+  )
+  grad_fn = jax.value_and_grad(functools.partial(student_loss, o), has_aux=True)
+  (loss, aux), grads = grad_fn(state.params, x_btf, targets_bnd, masks)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  tau = ema_decay(opt_cfg, state.step)
+  teacher = jax.tree.map(
+    lambda t, s: (tau * t + (1.0 - tau) * s).astype(t.dtype), state.teacher, params['encoder']
+  )
+  metrics = {
+    'loss': loss,
+    **aux,
+    'target_std': losses.variance(targets_bnd),
+    'grad_norm': optax.tree.norm(grads),
+    'param_norm': optax.tree.norm(params),
+    'update_norm': optax.tree.norm(updates),
+    'learning_rate': schedule(state.step),
+    'ema_decay': tau,
+  }
+  new_state = state.replace(
+    step=state.step + 1, params=params, teacher=teacher, opt_state=opt_state
+  )
+  return new_state, jax.tree.map(lambda v: v.astype(jnp.float32), metrics)
+
+
+def compile_step(
+  objective,
+  tx,
+  schedule,
+  opt_cfg,
+  mesh,
+  rules,
+  state_shardings,
+  batch_abstract,
+  step_fn=None,
+):
+  """Jits the step with explicit shardings and donation, compiles it ahead of time, and returns
+  (compiled step, XLA memory analysis). `step_fn` (default `train_step`) lets benchmarks compile a
+  variant with the same signature, shardings and donation."""
+  step_fn = train_step if step_fn is None else step_fn
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from aasp_jax import sharding as sharding_lib
+
+  global_batch = next(iter(batch_abstract.values())).shape[0]
+  sharding_lib.check_batch(global_batch, mesh)  # a clear error here, not deep inside XLA
+  replicated = NamedSharding(mesh, P())
+  batch_shardings = {
+    k: NamedSharding(mesh, P(sharding_lib.BATCH_AXES, *([None] * (len(v.shape) - 1))))
+    for k, v in batch_abstract.items()
+  }
+  step = jax.jit(
+    functools.partial(step_fn, objective=objective, tx=tx, schedule=schedule, opt_cfg=opt_cfg),
+    in_shardings=(state_shardings, batch_shardings, replicated),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=(0,),
+  )
+  abstract_state = jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+    _abstract_state(objective, tx),
+    state_shardings,
+  )
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    compiled = step.lower(abstract_state, batch_abstract, jax.random.key(0)).compile()
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    mib = 1 << 20
+    logging.info(
+      'train step compiled: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB per device',
+      memory.argument_size_in_bytes / mib,
+      memory.output_size_in_bytes / mib,
+      memory.temp_size_in_bytes / mib,
+    )
+  return compiled, memory
+
+
+def _abstract_state(objective, tx):
+  from aasp_jax.train.state import create_state
+
+  return nn.meta.unbox(jax.eval_shape(lambda r: create_state(objective, tx, r), jax.random.key(0)))
