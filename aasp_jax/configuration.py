@@ -102,7 +102,7 @@ def apply_overrides(cfg: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
       )
     parent_key, _, leaf = dotted.rpartition('.')
     parent = _get(cfg, parent_key) if parent_key else cfg
-    # The reference carries the declared type, also for unset placeholders (value None).
+    # The reference carries the declared type, also for declared-but-unset fields (value None).
     parent[leaf] = _parse_value(dotted, parent.get_ref(leaf), text)
   return cfg
 
