@@ -25,90 +25,16 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from aasp_jax import configuration, losses, masking, sharding
+from aasp_jax import configuration, masking, sharding
 from aasp_jax.train import objective as objective_lib
 from aasp_jax.train import optimizer
 from aasp_jax.train import state as state_lib
 from aasp_jax.train import step as step_lib
 
 MIB = 2**20
-
-
-# ----------------------------------------------------------------------------------------------
-# The naive step: the teacher runs once per clone row.
-
-
-def naive_student_loss(objective, params, x_btf, targets_rnd, masks):
-  """`step.student_loss` with per-row targets [B * M, N, D]: each clone row is its own 'clip' for
-  the frame and utterance losses (num_clones=1); the contrastive loss still groups by clip."""
-  o, m = objective, objective.num_clones
-  batch = x_btf.shape[0]
-  enc = {'params': params['encoder']}
-  tokens_bnd, _ = o.encoder.apply(enc, x_btf, method='embed')
-  clip_of_row = jnp.arange(batch * m) // m
-  visible_rvd = tokens_bnd[clip_of_row[:, None], masks.visible_idx]
-  out = o.encoder.apply(enc, visible_rvd, method='encode_tokens')
-  pred_rkd = o.predictor.apply(
-    {'params': params['predictor']}, out['tokens'], masks.visible_idx, masks.masked_idx, o.grid
-  )
-  # Every row's own targets are used, so XLA cannot drop the repeated teacher work.
-  frame = losses.frame_loss(pred_rkd, targets_rnd, masks.masked_idx, 1)
-  utterance = losses.utterance_loss(out['cls'], targets_rnd, 1)
-  total = frame + o.utterance_weight * utterance
-  aux = {
-    'frame_loss': frame,
-    'utterance_loss': utterance,
-    'prediction_std': losses.variance(pred_rkd),
-    'effective_rank': losses.effective_rank(
-      out['cls'].astype(jnp.float32).reshape(batch, m, -1).mean(axis=1)
-    ),
-  }
-  if o.contrastive_weight > 0:
-    z_rd = o.projection.apply({'params': params['projection']}, out['cls'])
-    contrastive = losses.multi_positive_infonce(z_rd, losses.clip_ids(batch, m), o.temperature)
-    total = total + o.contrastive_weight * contrastive
-  else:
-    contrastive = jnp.zeros((), jnp.float32)
-  aux['contrastive_loss'] = contrastive
-  return total, aux
-
-
-def naive_train_step(state, batch, rng, *, objective, tx, schedule, opt_cfg):
-  """`step.train_step` with the teacher re-run on the B * M clone rows (clip-major repeat)."""
-  o = objective
-  step_rng = jax.random.fold_in(rng, state.step)
-  x_btf = o.features(batch)
-  x_rtf = jnp.repeat(x_btf, o.num_clones, axis=0)
-  targets_rnd = step_lib.teacher_forward(o, state.teacher, x_rtf)
-  masks = masking.inverse_block_mask(
-    step_rng, x_btf.shape[0] * o.num_clones, o.grid, o.mask_ratio, o.mask_block_size
-  )
-  grad_fn = jax.value_and_grad(functools.partial(naive_student_loss, o), has_aux=True)
-  (loss, aux), grads = grad_fn(state.params, x_btf, targets_rnd, masks)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  tau = optimizer.ema_decay(opt_cfg, state.step)
-  teacher = jax.tree.map(
-    lambda t, s: (tau * t + (1.0 - tau) * s).astype(t.dtype), state.teacher, params['encoder']
-  )
-  metrics = {
-    'loss': loss,
-    **aux,
-    'target_std': losses.variance(targets_rnd),
-    'grad_norm': optax.tree.norm(grads),
-    'param_norm': optax.tree.norm(params),
-    'update_norm': optax.tree.norm(updates),
-    'learning_rate': schedule(state.step),
-    'ema_decay': tau,
-  }
-  new_state = state.replace(
-    step=state.step + 1, params=params, teacher=teacher, opt_state=opt_state
-  )
-  return new_state, jax.tree.map(lambda v: v.astype(jnp.float32), metrics)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +224,7 @@ def main():
 
   designs = {'multi-mask': step_lib.train_step}
   if not args.skip_naive:
-    designs['naive'] = naive_train_step
+    designs['naive'] = functools.partial(step_lib.train_step, teacher_per_clone=True)
   compiled = {}
   for name, fn in designs.items():
     c, mem, seconds = compile_timed(fn, objective, tx, schedule, cfg, mesh, shardings, batch)

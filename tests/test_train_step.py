@@ -64,6 +64,11 @@ def test_teacher_runs_once_per_clip(tiny, monkeypatch):
   monkeypatch.setattr(step_lib, 'teacher_forward', counting)
   jax.eval_shape(plain_step(cfg, objective, tx, schedule), state, batch, jax.random.key(0))
   assert calls == [(cfg.global_batch, 64, 128)]
+  # The naive baseline (benchmarks only) re-runs it on every clone.
+  calls.clear()
+  naive = functools.partial(plain_step(cfg, objective, tx, schedule), teacher_per_clone=True)
+  jax.eval_shape(naive, state, batch, jax.random.key(0))
+  assert calls == [(cfg.global_batch * objective.num_clones, 64, 128)]
 
 
 @pytest.mark.slow

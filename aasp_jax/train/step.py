@@ -31,9 +31,16 @@ def teacher_forward(objective: AaSPObjective, teacher_params, x_btf) -> jax.Arra
   return jax.lax.stop_gradient(targets)
 
 
-def student_loss(objective: AaSPObjective, params, x_btf, targets_bnd, masks):
-  """Total loss and its parts for the M masked clones of every clip."""
+def student_loss(
+  objective: AaSPObjective, params, x_btf, targets_bnd, masks, clones_per_target=None
+):
+  """Total loss and its parts for the M masked clones of every clip.
+
+  `targets_bnd` holds one target per clip (`clones_per_target` = M, the AaSP design) or, for the
+  naive baseline, one per clone row (`clones_per_target` = 1).
+  """
   o, m = objective, objective.num_clones
+  per_target = m if clones_per_target is None else clones_per_target
   batch = x_btf.shape[0]
   enc = {'params': params['encoder']}
   tokens_bnd, _ = o.encoder.apply(enc, x_btf, method='embed')  # the stem runs once per clip
@@ -44,8 +51,8 @@ def student_loss(objective: AaSPObjective, params, x_btf, targets_bnd, masks):
   pred_rkd = o.predictor.apply(
     {'params': params['predictor']}, out['tokens'], masks.visible_idx, masks.masked_idx, o.grid
   )
-  frame = losses.frame_loss(pred_rkd, targets_bnd, masks.masked_idx, m)
-  utterance = losses.utterance_loss(out['cls'], targets_bnd, m)
+  frame = losses.frame_loss(pred_rkd, targets_bnd, masks.masked_idx, per_target)
+  utterance = losses.utterance_loss(out['cls'], targets_bnd, per_target)
   total = frame + o.utterance_weight * utterance
   aux = {
     'frame_loss': frame,
@@ -67,17 +74,35 @@ def student_loss(objective: AaSPObjective, params, x_btf, targets_bnd, masks):
 
 
 def train_step(
-  state: TrainState, batch: dict, rng: jax.Array, *, objective: AaSPObjective, tx, schedule, opt_cfg
+  state: TrainState,
+  batch: dict,
+  rng: jax.Array,
+  *,
+  objective: AaSPObjective,
+  tx,
+  schedule,
+  opt_cfg,
+  teacher_per_clone: bool = False,
 ):
-  """(state, global batch, base rng) -> (new state, metrics). Pure; jitted by `compile_step`."""
+  """(state, global batch, base rng) -> (new state, metrics). Pure; jitted by `compile_step`.
+
+  `teacher_per_clone=True` is the naive design that benchmarks compare against: the teacher re-runs
+  on every clone's (repeated) clip and every clone row gets its own targets.
+  """
   o = objective
   step_rng = jax.random.fold_in(rng, state.step)
   x_btf = o.features(batch)
-  targets_bnd = teacher_forward(o, state.teacher, x_btf)
+  if teacher_per_clone:
+    targets_bnd = teacher_forward(o, state.teacher, jnp.repeat(x_btf, o.num_clones, axis=0))
+  else:
+    targets_bnd = teacher_forward(o, state.teacher, x_btf)
   masks = masking.inverse_block_mask(
     step_rng, x_btf.shape[0] * o.num_clones, o.grid, o.mask_ratio, o.mask_block_size
   )
-  grad_fn = jax.value_and_grad(functools.partial(student_loss, o), has_aux=True)
+  grad_fn = jax.value_and_grad(
+    functools.partial(student_loss, o, clones_per_target=1 if teacher_per_clone else None),
+    has_aux=True,
+  )
   (loss, aux), grads = grad_fn(state.params, x_btf, targets_bnd, masks)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
