@@ -145,12 +145,10 @@ def test_step_does_not_retrace(tiny):
 @pytest.mark.parametrize(
   'arg,overrides',
   [
-    ('stem=conv', []),
-    ('predictor=cnn', []),
-    ('', ['objective.contrastive_weight=0']),
-    ('', ['objective.num_clones=2']),
-    ('', ['model.aape.window=one_sided']),
-    ('', ['model.aape.lambda_mode=fixed']),
+    # Switches are paired so every one trains a step while the suite compiles 4 steps, not 7.
+    ('stem=conv,predictor=cnn', []),
+    ('', ['objective.contrastive_weight=0', 'model.aape.lambda_mode=fixed']),
+    ('', ['objective.num_clones=2', 'model.aape.window=one_sided']),
     ('', ['model.dtype=bfloat16', 'model.remat=true']),
   ],
 )
@@ -164,7 +162,7 @@ def test_ablation_switches_train(arg, overrides):
     assert float(metrics['contrastive_loss']) == 0.0
     # Without the contrastive term the projection head gets no gradient and does not move.
     chex.assert_trees_all_close(new_state.params['projection'], state.params['projection'])
-  if arg == 'stem=conv':
+  if 'stem=conv' in arg:
     assert 'aape' not in str(jax.tree_util.tree_structure(state.params['encoder']))
 
 
