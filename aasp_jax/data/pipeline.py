@@ -17,7 +17,6 @@ The iterator's state (`get_state` / `set_state`, JSON-serialisable) restores the
 
 import dataclasses
 import logging
-import math
 from collections.abc import Sequence
 
 import grain
@@ -280,7 +279,3 @@ def to_global_arrays(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
     field_sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
     out[key] = jax.make_array_from_process_local_data(field_sharding, value)
   return out
-
-
-def steps_per_epoch(num_clips: int, global_batch: int) -> int:
-  return max(1, math.floor(num_clips / global_batch))

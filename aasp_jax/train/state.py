@@ -30,9 +30,14 @@ def create_state(objective: AaSPObjective, tx, rng: jax.Array) -> TrainState:
   )
 
 
+def abstract_state(objective: AaSPObjective, tx) -> TrainState:
+  """The boxed state's shapes and logical axes, from an abstract init; nothing is allocated."""
+  return jax.eval_shape(lambda r: create_state(objective, tx, r), jax.random.key(0))
+
+
 def state_shardings(objective: AaSPObjective, tx, mesh, rules):
   """(abstract unboxed state, NamedShardings) from an abstract init; nothing is allocated."""
-  abstract = jax.eval_shape(lambda r: create_state(objective, tx, r), jax.random.key(0))
+  abstract = abstract_state(objective, tx)
   with nn.logical_axis_rules(rules):
     shardings = sharding.logical_shardings(abstract, mesh, rules)
   sharding.check_divisible(abstract, shardings)

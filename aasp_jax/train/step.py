@@ -21,6 +21,7 @@ import optax
 from aasp_jax import losses, masking
 from aasp_jax.train.objective import AaSPObjective
 from aasp_jax.train.optimizer import ema_decay
+from aasp_jax.train import state as state_lib
 from aasp_jax.train.state import TrainState
 
 
@@ -160,7 +161,7 @@ def compile_step(
   )
   abstract_state = jax.tree.map(
     lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-    _abstract_state(objective, tx),
+    nn.meta.unbox(state_lib.abstract_state(objective, tx)),
     state_shardings,
   )
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -175,9 +176,3 @@ def compile_step(
       memory.temp_size_in_bytes / mib,
     )
   return compiled, memory
-
-
-def _abstract_state(objective, tx):
-  from aasp_jax.train.state import create_state
-
-  return nn.meta.unbox(jax.eval_shape(lambda r: create_state(objective, tx, r), jax.random.key(0)))
