@@ -160,3 +160,49 @@ def optimizer_config() -> ConfigDict:
       ema_anneal_steps=100_000,
     )
   )
+
+
+def data_config(train: str | None = None) -> ConfigDict:
+  """The `data` section: where clips come from and how the grain pipeline reads them.
+
+  `train` is a folder of audio, a CSV/JSONL manifest or a packed-shard pattern (see `aasp-data`); it
+  is required, and a missing path fails before compilation.
+  """
+  d = ConfigDict()
+  d.train = config_dict.placeholder(str) if train is None else train
+  d.num_workers = 0  # grain worker processes per host (decode + crop run there); 8+ on TPU hosts
+  d.read_threads = 4
+  d.features = 'waveform'  # 'waveform': log-mel on device | 'log_mel': on the host
+  d.crop = 'random'
+  d.strict = False  # True: the first unreadable clip stops training (by default it is counted)
+  return d
+
+
+def checkpoint_config() -> ConfigDict:
+  """Orbax checkpoints in <workdir>/checkpoints: async, every N steps, keep the last K."""
+  return ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+
+
+def logging_config() -> ConfigDict:
+  """Progress line and metrics every N steps (process 0); an optional profiler trace."""
+  return ConfigDict(
+    dict(
+      log_every_steps=50,
+      profile_start_step=-1,  # >= 0: trace steps [start, start + profile_num_steps)
+      profile_num_steps=5,
+    )
+  )
+
+
+def probe_config() -> ConfigDict:
+  """Online linear probe on a labelled set (off when every_steps == 0).
+
+  `train` and `test` are labelled manifests (CSV/JSONL with a `label` column).
+  """
+  p = ConfigDict()
+  p.every_steps = 0
+  p.train = config_dict.placeholder(str)
+  p.test = config_dict.placeholder(str)
+  p.batch_size = 16
+  p.seeds = 3
+  return p
