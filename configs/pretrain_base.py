@@ -1,7 +1,7 @@
 """AaSP ViT-B/16 pre-training (the paper's main model): one file for a TPU pod, 8 GPUs or a CPU.
 
 The settings are written against the global batch; only these overrides change between machines:
-  v5p-64 slice (64 chips, 8 hosts):
+  v5p-64 slice (32 chips, 8 hosts):
     aasp-pretrain --config=configs/pretrain_base.py --workdir=gs://BUCKET/aasp_b16 \
         --config.data.train='gs://BUCKET/shards/train-*.array_record' --config.global_batch=512 \
         --config.data.num_workers=8

@@ -110,6 +110,22 @@ def test_hosts_see_disjoint_examples_whose_union_is_the_epoch(clip_folder):
     pipeline.per_host_batch_size(5, 2)
 
 
+def test_global_batches_do_not_depend_on_the_number_of_hosts(clip_folder):
+  """Two hosts' batches, stacked in process order, are one host's batches: same clips, same crops."""
+  opts = dict(crop='random', clip_samples=4000)
+  one, one_idx, _ = collect(pipeline.make_dataset(clip_folder, options(batch_size=4, **opts), 0, 1))
+  hosts = [
+    collect(pipeline.make_dataset(clip_folder, options(batch_size=2, **opts), p, 2))[0]
+    for p in range(2)
+  ]
+  assert len(one) == len(hosts[0]) == len(hosts[1]) == 3
+  for k, batch in enumerate(one):
+    for key in ('index', 'waveform', 'num_samples'):
+      stacked = np.concatenate([hosts[0][k][key], hosts[1][k][key]])
+      np.testing.assert_array_equal(stacked, batch[key])
+  assert sorted(one_idx) == list(range(12))
+
+
 def test_crops_pads_and_host_log_mel(tmp_path):
   folder = str(tmp_path / 'c')
   short, long = write_clips(folder, 2, seconds=0.4)[0], write_clips(folder + '2', 1, seconds=3.0)[0]

@@ -1,8 +1,15 @@
 """The grain input pipeline: a source of clips to per-host batches and global `jax.Array`s.
 
-  source -> shuffle (reshuffled every epoch) -> repeat -> shard by JAX process
-  -> decode + validate + crop/pad (+ host log-mel), seeded per element -> to_iter_dataset
-  -> batch with skip accounting -> worker-process prefetch -> make_array_from_process_local_data
+  source -> shuffle (reshuffled every epoch) -> repeat
+  -> decode + validate + crop/pad (+ host log-mel), seeded per global position
+  -> shard by JAX process (host p takes rows [p*b, (p+1)*b) of every global batch of P*b clips)
+  -> to_iter_dataset -> batch with skip accounting -> worker-process prefetch
+  -> make_array_from_process_local_data
+
+Because crops are seeded by the global position and hosts take contiguous rows of each global batch,
+the global batch is the same for any number of processes: a run on 2 hosts x 4 devices trains on
+exactly the batches of a run on 1 host x 8 devices (as long as no clip is skipped; a skipped clip is
+replaced by the host's next one).
 
 Nothing is lost silently: a clip that cannot be used becomes a skip marker instead of an example, the
 batcher counts markers per reason, and every batch carries `skipped` (counts since the previous batch
@@ -155,6 +162,39 @@ class LoadClip(grain.transforms.RandomMap):
     return example
 
 
+class HostRowsOfGlobalBatches(grain.MapDataset):
+  """Host p's view of a global stream cut into global batches of `process_count * per_host`
+  elements: rows [p * per_host, (p + 1) * per_host) of each. Lazy: other hosts' rows are never read.
+  """
+
+  _MUTATES_ELEMENT_SPEC = False
+
+  def __init__(self, parent, process_index: int, process_count: int, per_host: int):
+    super().__init__(parent)
+    self._p, self._per_host = process_index, per_host
+    self._global = per_host * process_count
+    full, rest = divmod(len(parent), self._global)
+    self._length = full * per_host + min(per_host, max(0, rest - process_index * per_host))
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _global_index(self, index: int) -> int:
+    batch, row = divmod(index, self._per_host)
+    return batch * self._global + self._p * self._per_host + row
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._global_index(index)]
+
+  def _getitems(self, indices):
+    return self._parent._getitems([self._global_index(i) for i in indices])  # noqa: SLF001
+
+  def __str__(self) -> str:
+    return f'HostRowsOfGlobalBatches(process={self._p}, per_host={self._per_host})'
+
+
 class _SkipAccountingBatchIterator(grain.DatasetIterator):
   """Collects `batch_size` examples, counting the skip markers it passes on the way."""
 
@@ -232,9 +272,10 @@ def make_dataset(
     # Shuffling before repeat reshuffles every epoch (grain combines the seed with the epoch).
     ds = ds.shuffle(seed=options.seed)
   ds = ds.repeat(options.num_epochs)
-  # Host p takes positions p, p + P, ... of the global stream: disjoint, and together one epoch.
-  ds = ds[process_index::process_count]
+  # Seeded by the global position (before the host split), so a clip gets the same crop whatever
+  # the number of processes.
   ds = ds.random_map(LoadClip(options), seed=options.seed + 1)
+  ds = HostRowsOfGlobalBatches(ds, process_index, process_count, options.batch_size)
   read_options = grain.ReadOptions(
     num_threads=options.read_threads, prefetch_buffer_size=options.read_buffer_size
   )

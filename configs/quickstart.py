@@ -1,0 +1,40 @@
+"""The Quick-start main job: a tiny AaSP encoder pre-trained for a few CPU minutes on the bundled
+CC0 Sonic Pi recordings (data/sonicpi), then probed against a randomly initialised encoder.
+
+  python -m aasp_jax.quickstart                     # what `make demo` runs
+  aasp-pretrain --config=configs/quickstart.py --workdir=runs/quickstart   # the training part alone
+
+Same objective, optimizer and code path as configs/pretrain.py; only sizes and the schedule are
+small. The online probe is off here because the main job probes once at the end.
+"""
+
+import os
+
+from configs import pretrain
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SONICPI = os.path.join(REPO, 'data', 'sonicpi')
+
+
+def get_config(arg: str | None = None):
+  config = pretrain.get_config('variant=tiny,target_length=256' + (',' + arg if arg else ''))
+  config.model.dtype = 'float32'  # bf16 matmuls are slower than fp32 on most CPUs
+  config.objective.num_clones = 4
+  config.objective.projection_hidden = 128
+  config.objective.projection_dim = 64
+  config.optimizer.lr = 1e-3
+  config.optimizer.warmup_fraction = 0.1
+  # The EMA must move within a few hundred steps for the teacher's targets to improve.
+  config.optimizer.ema_start = 0.99
+  config.optimizer.ema_end = 0.999
+  config.optimizer.ema_anneal_steps = 300
+  config.global_batch = 16
+  config.total_steps = 300
+  config.mesh.data = -1
+  config.data.train = os.path.join(SONICPI, 'labels.csv')
+  config.data.read_threads = 2
+  config.checkpoint.every_steps = 100
+  config.logging.log_every_steps = 10
+  config.probe.train = os.path.join(SONICPI, 'probe_train.csv')
+  config.probe.test = os.path.join(SONICPI, 'probe_test.csv')
+  return config
