@@ -80,7 +80,10 @@ class RunCheckpoints:
       step,
       args=ocp.args.Composite(
         **{
-          STATE: ocp.args.StandardSave({'train': state, 'rng': jax.random.key_data(rng)}),
+          # The base key is the same on every host; as numpy it is saved once, by process 0.
+          STATE: ocp.args.StandardSave(
+            {'train': state, 'rng': np.asarray(jax.random.key_data(rng))}
+          ),
           DATA: grain.checkpoint.CheckpointSave(data_iterator),
           CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
         }
@@ -93,16 +96,13 @@ class RunCheckpoints:
 
   def restore(self, step: int, abstract_state, state_shardings, data_iterator):
     """(state, rng) at `step`, restored into `state_shardings`; the iterator is moved in place."""
-    replicated = jax.sharding.NamedSharding(
-      jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec()
-    )
     target = {
       'train': jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state,
         state_shardings,
       ),
-      'rng': jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated),
+      'rng': np.zeros((2,), np.uint32),
     }
     restored = self.manager.restore(
       step,
@@ -114,7 +114,7 @@ class RunCheckpoints:
       ),
     )
     logging.info('checkpoint: restored step %d from %s', step, self.directory)
-    rng = jax.random.wrap_key_data(restored[STATE]['rng'])
+    rng = jax.random.wrap_key_data(np.asarray(restored[STATE]['rng']))
     return restored[STATE]['train'], rng
 
   def wait_until_finished(self) -> None:

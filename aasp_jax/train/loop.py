@@ -178,9 +178,13 @@ def train(config: ConfigDict, workdir: str) -> TrainResult:
     checkpointing.check_resumable(checkpoints.saved_config(latest), config, checkpoints.directory)
 
   # ---------------------------------------------------------------- Mesh
-  mesh = sharding.make_mesh(config.mesh)
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch(config.global_batch, mesh)
+    per_host = pipeline.per_host_batch_size(config.global_batch)
+  except ValueError as e:  # the mesh does not fit the devices, or the batch does not fit the mesh
+    raise configuration.ConfigError(str(e)) from e
   rules = config.logical_axis_rules
-  sharding.check_batch(config.global_batch, mesh)
   logging.info(
     'mesh %s over %d devices (%d processes); global batch %d',
     dict(mesh.shape),
@@ -193,7 +197,6 @@ def train(config: ConfigDict, workdir: str) -> TrainResult:
   abstract, shardings = state_lib.state_shardings(objective, tx, mesh, rules)
 
   # ---------------------------------------------------------------- Input
-  per_host = pipeline.per_host_batch_size(config.global_batch)
   options = _pipeline_options(config, objective.preset, per_host)
   data_iterator = iter(pipeline.make_dataset(config.data.train, options))
   batch_abstract = _batch_abstract(config, options, mesh)

@@ -1,0 +1,97 @@
+"""Bad configs and workdirs fail before anything compiles, with a message that says what to change."""
+
+import json
+import os
+
+import pytest
+
+import program_runner as runner
+from aasp_jax import checkpointing, configuration
+from aasp_jax.train import loop
+from aasp_jax.train import step as step_lib
+from conftest import FIXTURES
+
+TINY = [
+  f.removeprefix('--config.') for f in runner.TINY_FLAGS[1:] if not f.startswith('--config.data.')
+]
+
+DATA = os.path.join(FIXTURES, 'audio')
+
+
+def tiny_config(*overrides):
+  return configuration.load_config(
+    'configs/pretrain.py:variant=tiny,target_length=64', [*TINY, *overrides]
+  )
+
+
+@pytest.fixture(autouse=True)
+def no_compilation(monkeypatch):
+  """Any attempt to compile the train step fails the test: the errors must come first."""
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('the train step was compiled before the config error was raised')
+
+  monkeypatch.setattr(step_lib, 'compile_step', refuse)
+
+
+def test_unknown_key_fails_at_flag_parsing_naming_the_key(tmp_path):
+  done = runner.run(tmp_path, str(tmp_path / 'cache'), '--config.model.widht=64', timeout=120)
+  assert done.returncode != 0
+  assert 'widht' in done.stdout
+  assert 'compiled' not in done.stdout
+
+
+def test_batch_not_divisible_by_the_mesh(tmp_path):
+  # The suite runs with 8 fake devices; 'data' = -1 takes all 8.
+  cfg = tiny_config('global_batch=12', f'data.train={DATA}')
+  with pytest.raises(configuration.ConfigError, match=r'global_batch=12 .* 8 batch shards'):
+    loop.train(cfg, str(tmp_path))
+
+
+def test_mesh_that_does_not_fit_the_devices(tmp_path):
+  cfg = tiny_config('global_batch=8', 'mesh.data=3', f'data.train={DATA}')
+  with pytest.raises(configuration.ConfigError, match='change config.mesh'):
+    loop.train(cfg, str(tmp_path))
+
+
+def test_missing_data_path(tmp_path):
+  with pytest.raises(configuration.ConfigError, match='data.train is not set'):
+    loop.train(tiny_config('global_batch=8'), str(tmp_path))
+  cfg = tiny_config('global_batch=8', f'data.train={tmp_path}/no_such_folder')
+  with pytest.raises(configuration.ConfigError, match='no_such_folder.*does not exist'):
+    loop.train(cfg, str(tmp_path))
+
+
+def test_workdir_of_an_incompatible_run(tmp_path):
+  data = DATA
+  old = tiny_config('global_batch=8', f'data.train={data}')
+  # A checkpoint's config item as the trainer writes it (orbax JSON handler layout).
+  manager = checkpointing.RunCheckpoints(str(tmp_path), old.checkpoint)
+  manager.manager.save(
+    5,
+    args=checkpointing.ocp.args.Composite(
+      config=checkpointing.ocp.args.JsonSave(json.loads(old.to_json()))
+    ),
+  )
+  manager.wait_until_finished()
+  manager.close()
+  new = tiny_config('global_batch=8', f'data.train={data}', 'model.width=48', 'seed=3')
+  with pytest.raises(configuration.ConfigError) as err:
+    loop.train(new, str(tmp_path))
+  message = str(err.value)
+  assert 'model.width: checkpoint 32, now 48' in message
+  assert 'seed: checkpoint 0, now 3' in message
+  assert 'new --workdir' in message
+  # Keys that may change between restarts (logging, checkpoint cadence, mesh) are not refused.
+  checkpointing.check_resumable(
+    json.loads(old.to_json()),
+    tiny_config('global_batch=8', f'data.train={data}', 'logging.log_every_steps=7'),
+    str(tmp_path),
+  )
+
+
+def test_cli_prints_config_errors_without_a_traceback(tmp_path):
+  missing = runner.run(tmp_path, str(tmp_path / 'cache'), '--config.data.train=/no/such/data')
+  assert missing.returncode == 2
+  assert 'aasp-pretrain: config.data.train=' in missing.stdout
+  assert 'Traceback' not in missing.stdout
