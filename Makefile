@@ -1,23 +1,34 @@
 # Two entry points for a fresh machine (see README "Quick start"):
+#   make demo   - create .venv, install the package, pre-train the tiny model on the bundled real
+#                 audio for a few CPU minutes, then linear-probe it against random encoders
+#                 (ARGS=--short: a few steps only, as CI runs it)
 #   make test   - create .venv, install the package with its test extra, run the whole suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv test test-fast clean
+.PHONY: venv demo test test-fast clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# The test extra adds pytest and libtpu (the TPU ahead-of-time compilation test).
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed-test
 
-test: venv
+demo: $(VENV)/.installed
+	$(PY) -m aasp_jax.quickstart $(ARGS)
+
+test: $(VENV)/.installed-test
 	$(PY) -m pytest tests
 
-test-fast: venv
+test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest tests -m 'not slow'
 
 clean:

@@ -204,5 +204,4 @@ def probe_config() -> ConfigDict:
   p.train = config_dict.placeholder(str)
   p.test = config_dict.placeholder(str)
   p.batch_size = 16
-  p.seeds = 3
   return p
