@@ -175,6 +175,9 @@ def data_config(train: str | None = None) -> ConfigDict:
   d.features = 'waveform'  # 'waveform': log-mel on device | 'log_mel': on the host
   d.crop = 'random'
   d.strict = False  # True: the first unreadable clip stops training (by default it is counted)
+  # Shorter clips (after resampling) are skipped as 'too_short' and counted; the default is one
+  # 16-frame patch. Shorter ones that are kept are zero-padded like any other short clip.
+  d.min_samples = 2960
   return d
 
 

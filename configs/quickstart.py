@@ -33,6 +33,9 @@ def get_config(arg: str | None = None):
   config.mesh.data = -1
   config.data.train = os.path.join(SONICPI, 'labels.csv')
   config.data.read_threads = 2
+  # 32 of the 206 clips are single hits shorter than one patch (0.185 s); keep them, zero-padded,
+  # as the probe does. Only clips without one 25 ms analysis window are skipped.
+  config.data.min_samples = 400
   config.checkpoint.every_steps = 100
   config.logging.log_every_steps = 10
   config.probe.train = os.path.join(SONICPI, 'probe_train.csv')

@@ -13,7 +13,16 @@ from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-FLAGS = ('--config.global_batch=8', '--config.total_steps=3', '--config.checkpoint.every_steps=3')
+SONICPI = os.path.join(REPO_ROOT, 'data', 'sonicpi')
+FLAGS = (
+  '--config.global_batch=8',
+  '--config.total_steps=3',
+  '--config.checkpoint.every_steps=3',
+  # The online probe gathers the sharded encoder from both processes (a collective) at step 3.
+  '--config.probe.every_steps=3',
+  f'--config.probe.train={SONICPI}/probe_train.csv',
+  f'--config.probe.test={SONICPI}/probe_test.csv',
+)
 
 
 def test_two_processes_match_one_process_with_all_devices(tmp_path):
@@ -35,7 +44,8 @@ def test_two_processes_match_one_process_with_all_devices(tmp_path):
 
   one_m = runner.training_metrics(runner.metrics(tmp_path / 'single'))
   two_m = runner.training_metrics(runner.metrics(tmp_path / 'two'))
-  assert [e['step'] for e in two_m] == [1, 2, 3]
+  assert [e['step'] for e in two_m] == [1, 2, 3, 3]  # the probe's entry comes last
+  assert 'probe/accuracy' in two_m[-1]
   for a, b in zip(one_m, two_m):
     assert a.keys() == b.keys()
     for key in a:

@@ -1,6 +1,7 @@
 """The training program end to end, in real processes: resume after SIGKILL equals an uninterrupted
 run, SIGTERM saves and exits cleanly, and the restart continues from that checkpoint."""
 
+import glob
 import os
 import signal
 
@@ -25,7 +26,13 @@ def uninterrupted(tmp_path_factory, cache_dir):
   """Run A: 2N steps in one go."""
   workdir = tmp_path_factory.mktemp('run_a')
   done = runner.run(
-    workdir, cache_dir, f'--config.total_steps={2 * N}', f'--config.checkpoint.every_steps={2 * N}'
+    workdir,
+    cache_dir,
+    f'--config.total_steps={2 * N}',
+    f'--config.checkpoint.every_steps={2 * N}',
+    # Tracing steps 2-3 must not change what is trained (compared with run B below).
+    '--config.logging.profile_start_step=2',
+    '--config.logging.profile_num_steps=2',
   )
   assert done.returncode == 0, done.stdout
   return workdir
@@ -65,6 +72,7 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, cache_dir, 
   assert runner.training_metrics(b) == runner.training_metrics(a)
   assert len(logged_before_kill) >= N
   assert_same_arrays(saved_state(tmp_path, 2 * N), saved_state(uninterrupted, 2 * N))
+  assert glob.glob(str(uninterrupted / 'profile' / '**' / '*.xplane.pb'), recursive=True)
 
 
 def test_sigterm_saves_exits_cleanly_and_the_restart_continues(tmp_path, cache_dir, uninterrupted):

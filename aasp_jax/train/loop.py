@@ -80,6 +80,7 @@ def _pipeline_options(config: ConfigDict, preset, per_host: int) -> pipeline.Pip
     num_workers=d.num_workers,
     read_threads=d.read_threads,
     strict=d.strict,
+    min_samples=d.min_samples,
   )
 
 
