@@ -38,10 +38,14 @@ def run(mode: str, args, root: str, cache: str) -> list[dict]:
     *MODES[mode],
     *args.set,
   ]
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env = dict(
+    os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0'
+  )
   cmd = [sys.executable, '-m', 'aasp_jax.main', f'--config={args.config}', f'--workdir={workdir}']
   cmd += [f'--config.{o}' for o in overrides]
-  subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  subprocess.run(
+    cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
 
@@ -68,7 +72,9 @@ def main() -> None:
         times[mode].append(mean_step_seconds(entries))
         print(f'repeat {repeat} {mode:5s}: {times[mode][-1] * 1e3:.1f} ms/step', flush=True)
   base = np.median(times['none'])
-  print(f'\nconfig {args.config} {" ".join(args.set)}; global batch {args.batch}; {args.steps} steps')
+  print(
+    f'\nconfig {args.config} {" ".join(args.set)}; global batch {args.batch}; {args.steps} steps'
+  )
   print('mode   ms/step (median of repeats)   ratio to no checkpoints')
   for mode in MODES:
     t = np.median(times[mode])

@@ -165,7 +165,10 @@ def compile_step(
     state_shardings,
   )
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = step.lower(abstract_state, batch_abstract, jax.random.key(0)).compile()
+    # An abstract key: a concrete one would be placed on a local device, which a TPU topology
+    # compiled from a CPU host does not have.
+    rng_abstract = jax.eval_shape(jax.random.key, 0)
+    compiled = step.lower(abstract_state, batch_abstract, rng_abstract).compile()
   memory = compiled.memory_analysis()
   if memory is not None:
     mib = 1 << 20
