@@ -30,7 +30,9 @@ _CONFIG = flags.DEFINE_string(
 )
 _SET = flags.DEFINE_multi_string('set', [], 'Config override key=value, e.g. total_steps=500.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Default: runs/quickstart (or _short).')
-_SHORT = flags.DEFINE_bool('short', False, 'Train 4 steps only: a fast end-to-end check.')
+_SHORT = flags.DEFINE_bool(
+  'short', False, 'Train 4 steps and probe one random encoder: a fast end-to-end check.'
+)
 _RANDOM_SEEDS = flags.DEFINE_integer('random_seeds', 3, 'Random encoders in the baseline.')
 
 SHORT_OVERRIDES = ('total_steps=4', 'logging.log_every_steps=2', 'checkpoint.every_steps=2')
@@ -61,7 +63,7 @@ def summary_lines(result: dict) -> list[str]:
     f'linear probe, Sonic Pi 10 categories ({result["test_clips"]} test clips, '
     f'{result["num_classes"]} classes, chance {1 / result["num_classes"]:.3f}):',
     f'  pre-trained encoder          accuracy {result["pretrained_accuracy"]:.3f}',
-    f'  random encoders ({len(random)} seeds)    accuracy {np.mean(random):.3f} '
+    f'  random encoders (n = {len(random)})     accuracy {np.mean(random):.3f} '
     f'± {np.std(random):.3f}  ({", ".join(f"{a:.3f}" for a in random)})',
     f'  clips skipped by the probe: {result["probe_skipped"]}',
     f'TensorBoard:   tensorboard --logdir {result["tensorboard"]}',
@@ -91,7 +93,8 @@ def main(argv) -> None:
   pretrained = probe(objective, jax.device_get(trained.state.params['encoder']), config)
   # The baseline includes the very initialisation the pre-trained encoder started from.
   init_key = jax.random.split(jax.random.key(config.seed))[0]
-  keys = [init_key] + [jax.random.key(1000 + i) for i in range(_RANDOM_SEEDS.value - 1)]
+  num_random = 1 if _SHORT.value else _RANDOM_SEEDS.value
+  keys = [init_key] + [jax.random.key(1000 + i) for i in range(num_random - 1)]
   random = [probe(objective, p, config)['accuracy'] for p in random_encoder_params(objective, keys)]
 
   jsonl = os.path.join(workdir, metrics_writer.JSONL_NAME)
