@@ -75,6 +75,9 @@ def main(argv) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # orbax and grain log every checkpoint thread at INFO through absl's logger; keep ours readable.
   logging.getLogger('absl').setLevel(logging.WARNING)
+  if _COMPILE_ONLY.value and _TOPOLOGY.value:
+    # libtpu is only the compiler here: never open local TPU chips (a training job may hold them).
+    jax.config.update('jax_platforms', 'cpu')
   _initialize_distributed()
   logging.info(
     'process %d of %d; %d local / %d global devices: %s',

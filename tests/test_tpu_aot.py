@@ -217,3 +217,11 @@ def test_a_step_over_hbm_is_reported_with_xla_message_and_remedies(libtpu, monke
   cfg = configuration.load_config(TINY, ['global_batch=4'])
   with pytest.raises(aot.HbmOverflowError, match=r'(?s)v5e:2x2: .*\(18.64G\).*mesh.fsdp=-1'):
     aot.compile_for_topology(cfg, 'v5e:2x2')
+
+
+@pytest.mark.tpu
+def test_a_parameter_the_mesh_does_not_divide_is_a_config_error(libtpu):
+  # FSDP over all 256 chips of a v5e-256 splits every 'embed' dimension 256 ways; tiny's are 128.
+  cfg = configuration.load_config(TINY, ['global_batch=256', 'mesh.data=1', 'mesh.fsdp=-1'])
+  with pytest.raises(ConfigError, match=r'v5e:16x16: .* sharded over .*256 devices'):
+    aot.compile_for_topology(cfg, 'v5e:16x16')

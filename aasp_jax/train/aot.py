@@ -165,15 +165,15 @@ def compile_for_devices(
   cfg: ConfigDict, devices, topology: str, hbm_bytes: int | None
 ) -> AotReport:
   """Compiles the real train step for `cfg` over `devices` and reports what one device needs."""
-  try:
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    sharding.check_batch(cfg.global_batch, mesh)
-  except ValueError as e:  # the trainer's CLI reports ConfigErrors without a traceback
-    raise ConfigError(f'{topology}: {e}') from e
+  rules = cfg.logical_axis_rules
   objective = objective_lib.AaSPObjective.from_config(cfg)
   tx, schedule = optimizer.make_optimizer(cfg.optimizer, cfg.global_batch, cfg.total_steps)
-  rules = cfg.logical_axis_rules
-  _, shardings = state_lib.state_shardings(objective, tx, mesh, rules)
+  try:  # a mesh the batch or a parameter does not divide fails here, before any tracing
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    sharding.check_batch(cfg.global_batch, mesh)
+    _, shardings = state_lib.state_shardings(objective, tx, mesh, rules)
+  except ValueError as e:  # the trainer's CLI reports ConfigErrors without a traceback
+    raise ConfigError(f'{topology}: {e}') from e
   batch = batch_abstract(cfg, objective.preset)
   start = time.perf_counter()
   try:
