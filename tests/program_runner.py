@@ -47,28 +47,26 @@ def command(workdir: str, *flags: str) -> list[str]:
   return [sys.executable, '-m', 'aasp_jax.main', f'--workdir={workdir}', *TINY_FLAGS, *flags]
 
 
-def run(workdir, cache_dir, *flags, devices=1, timeout=600) -> subprocess.CompletedProcess:
-  """Runs to completion; returns the process (stdout and stderr merged into .stdout)."""
-  return subprocess.run(
-    command(str(workdir), *flags),
+def _process_options(cache_dir: str, devices: int) -> dict:
+  """One place for how every trainer process is started: repo root, environment, merged output."""
+  return dict(
     cwd=REPO_ROOT,
     env=environment(cache_dir, devices),
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
-    timeout=timeout,
+  )
+
+
+def run(workdir, cache_dir, *flags, devices=1, timeout=600) -> subprocess.CompletedProcess:
+  """Runs to completion; returns the process (stdout and stderr merged into .stdout)."""
+  return subprocess.run(
+    command(str(workdir), *flags), timeout=timeout, **_process_options(cache_dir, devices)
   )
 
 
 def start(workdir, cache_dir, *flags, devices=1) -> subprocess.Popen:
-  return subprocess.Popen(
-    command(str(workdir), *flags),
-    cwd=REPO_ROOT,
-    env=environment(cache_dir, devices),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-  )
+  return subprocess.Popen(command(str(workdir), *flags), **_process_options(cache_dir, devices))
 
 
 def wait_for(predicate, process: subprocess.Popen, timeout: float = 300, poll: float = 0.01):
