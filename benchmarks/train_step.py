@@ -11,9 +11,10 @@ naive teacher-per-clone step measured next to it in the same run.
 The multi-mask step is `aasp_jax.train.step.train_step` (teacher once per clip, M clones per clip);
 the naive step re-runs the teacher on the B * M repeated clips and compares every clone row with its
 own targets, everything else identical (same masking, student, predictor, losses, optimizer, EMA,
-shardings and donation). Both are AOT-compiled with `step.compile_step` and timed interleaved, one
+shardings and donation). Both are AOT-compiled like `step.compile_step` and timed interleaved, one
 step each in turn, so load on a shared machine hits both alike; times are medians.
 
+FLOPs are the matmul and convolution FLOPs counted from the step's jaxpr (`aasp_jax.train.flops`).
 MFU = achieved model FLOP/s / (peak_tflops * 1e12 * devices). The peak is the user's figure (the
 dense peak of the chip for the compute dtype); nothing here checks it.
 """
@@ -29,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from aasp_jax import configuration, masking, sharding
+from aasp_jax.train import flops
 from aasp_jax.train import objective as objective_lib
 from aasp_jax.train import optimizer
 from aasp_jax.train import state as state_lib
@@ -124,13 +126,6 @@ def analytic_flops_per_clip(cfg, objective) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def xla_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax returned one dict per program
-    cost = cost[0]
-  return float(cost.get('flops', float('nan')))
-
-
 def memory_line(mem) -> str:
   if mem is None:
     return 'memory_analysis() unavailable on this backend'
@@ -156,22 +151,19 @@ def synthetic_batch(cfg, objective, mesh):
 
 
 def compile_timed(step_fn, objective, tx, schedule, cfg, mesh, shardings, batch):
-  """AOT-compiles `step_fn` through `step.compile_step` (same shardings and donation for both
-  designs); returns (compiled, memory analysis, seconds)."""
+  """AOT-compiles `step_fn` through `step.trace_step` / `compile_traced` (same shardings and
+  donation for both designs); returns (compiled, memory analysis, seconds, global step FLOPs).
+
+  The FLOPs are counted from the step's jaxpr (`flops.jaxpr_flops`): XLA's cost analysis counts a
+  scanned block (`model.scan_layers`, the B/L default) once instead of `depth` times."""
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
+  rules = cfg.logical_axis_rules
   t0 = time.perf_counter()
-  compiled, mem = step_lib.compile_step(
-    objective,
-    tx,
-    schedule,
-    cfg.optimizer,
-    mesh,
-    cfg.logical_axis_rules,
-    shardings,
-    abstract,
-    step_fn=step_fn,
+  traced = step_lib.trace_step(
+    objective, tx, schedule, cfg.optimizer, mesh, rules, shardings, abstract, step_fn=step_fn
   )
-  return compiled, mem, time.perf_counter() - t0
+  compiled, mem = step_lib.compile_traced(traced, mesh, rules)
+  return compiled, mem, time.perf_counter() - t0, flops.jaxpr_flops(traced.jaxpr)
 
 
 def main():
@@ -225,9 +217,11 @@ def main():
   designs = {'multi-mask': step_lib.train_step}
   if not args.skip_naive:
     designs['naive'] = functools.partial(step_lib.train_step, teacher_per_clone=True)
-  compiled = {}
+  compiled, step_flops = {}, {}
   for name, fn in designs.items():
-    c, mem, seconds = compile_timed(fn, objective, tx, schedule, cfg, mesh, shardings, batch)
+    c, mem, seconds, step_flops[name] = compile_timed(
+      fn, objective, tx, schedule, cfg, mesh, shardings, batch
+    )
     compiled[name] = c
     print(f'[{name}] compile {seconds:.1f} s; memory_analysis: {memory_line(mem)}')
 
@@ -263,27 +257,26 @@ def main():
     )
   else:
     print('MFU: not computed (pass --peak_tflops, your per-device peak TFLOP/s)')
-  # The on-device log-mel (Ozaki-split exact DFT matmuls) is counted by XLA but is no model FLOP:
-  # it is measured alone and shown, and the MFU is also given with it taken out.
-  frontend = xla_flops(jax.jit(objective.features).lower(batch).compile()) * len(devices) / gb
-  print(f'XLA GFLOPs per clip of the on-device log-mel front end alone: {frontend / 1e9:.3f}')
+  # The on-device log-mel (Ozaki-split exact DFT matmuls) is counted but is no model FLOP: it is
+  # counted alone and shown, and the MFU is also given with it taken out.
+  frontend = flops.function_flops(objective.features, batch) / gb
+  print(f'GFLOPs per clip of the on-device log-mel front end alone: {frontend / 1e9:.3f}')
   median = {}
   for name in designs:
     median[name] = statistics.median(times[name])
-    # The compiled program is the per-device (SPMD-partitioned) one: scale to all devices.
-    xla_per_clip = xla_flops(compiled[name]) * len(devices) / gb
+    counted_per_clip = step_flops[name] / gb  # the jaxpr is the global (unpartitioned) step
     analytic = a['total'] if name == 'multi-mask' else a['naive_total']
     line = (
       f'[{name}] median step {median[name] * 1e3:.1f} ms, {gb / median[name]:.2f} clips/s; '
-      f'GFLOPs/clip XLA {xla_per_clip / 1e9:.3f} (without front end '
-      f'{(xla_per_clip - frontend) / 1e9:.3f}), analytic {analytic / 1e9:.3f} '
-      f'(XLA without front end / analytic {(xla_per_clip - frontend) / analytic:.3f})'
+      f'GFLOPs/clip counted {counted_per_clip / 1e9:.3f} (without front end '
+      f'{(counted_per_clip - frontend) / 1e9:.3f}), analytic {analytic / 1e9:.3f} '
+      f'(counted without front end / analytic {(counted_per_clip - frontend) / analytic:.3f})'
     )
     if peak:
       denom = peak * 1e12 * len(devices) * median[name] / gb
       line += (
-        f'; MFU XLA {xla_per_clip / denom:.2%} (without front end '
-        f'{(xla_per_clip - frontend) / denom:.2%}), analytic {analytic / denom:.2%}'
+        f'; MFU counted {counted_per_clip / denom:.2%} (without front end '
+        f'{(counted_per_clip - frontend) / denom:.2%}), analytic {analytic / denom:.2%}'
       )
     print(line)
   if 'naive' in median:

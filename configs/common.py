@@ -78,6 +78,9 @@ def model_config(variant: str = 'B/16', stem: str = 'aape', predictor: str = 'cr
   m.dtype = 'bfloat16'
   m.param_dtype = 'float32'
   m.remat = False
+  # One nn.scan over the blocks: XLA compiles one block instead of depth of them (TPU compile time
+  # flat in depth). Checkpoints store stacked blocks; evaluation and export unstack them.
+  m.scan_layers = name != 'tiny'
   m.attention_impl = 'xla'  # or 'cudnn' on NVIDIA GPUs
   tiny = name == 'tiny'
   m.predictor = ConfigDict(
@@ -123,6 +126,7 @@ def logical_axis_rules() -> tuple[tuple[str, object], ...]:
     ('kv', None),
     ('tokens', None),
     ('classes', None),
+    ('layers', None),  # the stacked-blocks axis of scanned encoders: every device holds all layers
   )
 
 

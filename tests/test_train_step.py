@@ -169,3 +169,36 @@ def test_ablation_switches_train(arg, overrides):
 def test_contrastive_needs_two_clones():
   with pytest.raises(ValueError, match='at least 2'):
     train_helpers.setup('', ['objective.num_clones=1'])
+
+
+@pytest.mark.slow
+def test_scanned_layers_train_exactly_like_unrolled_layers(tiny):
+  """One step with the blocks under nn.scan equals the unrolled step on the same parameters."""
+  from aasp_jax.models.vit import stack_blocks, unstack_blocks
+
+  cfg, objective, tx, schedule, mesh, state, batch = tiny
+  s_cfg, s_objective, s_tx, s_schedule, s_mesh, s_state, _ = train_helpers.setup(
+    overrides=['model.scan_layers=true']
+  )
+  depth = cfg.model.depth
+
+  def to_scanned(tree):  # the unrolled state's encoder trees, re-laid out for the scanned model
+    return stack_blocks(tree, depth)
+
+  params = dict(state.params, encoder=to_scanned(state.params['encoder']))
+  start = s_state.replace(
+    params=params, teacher=to_scanned(state.teacher), opt_state=s_tx.init(params)
+  )
+  key = jax.random.key(3)
+  ref_state, ref_metrics = jax.jit(plain_step(cfg, objective, tx, schedule))(state, batch, key)
+  new_state, metrics = jax.jit(plain_step(s_cfg, s_objective, s_tx, s_schedule))(start, batch, key)
+  for name in ('loss', 'frame_loss', 'utterance_loss', 'contrastive_loss', 'grad_norm'):
+    np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=2e-5, err_msg=name)
+  chex.assert_trees_all_close(
+    unstack_blocks(new_state.params['encoder'], depth),
+    ref_state.params['encoder'],
+    atol=2e-6,
+  )
+  chex.assert_trees_all_close(
+    unstack_blocks(new_state.teacher, depth), ref_state.teacher, atol=2e-6
+  )

@@ -65,6 +65,7 @@ def build_encoder(model_cfg: ConfigDict, drop_path: float | None = None) -> Enco
     dtype=dtype_of(model_cfg.dtype),
     param_dtype=dtype_of(model_cfg.param_dtype),
     remat=model_cfg.remat,
+    scan_layers=model_cfg.scan_layers,
     attention_impl=_attention_impl(model_cfg),
   )
 

@@ -27,26 +27,40 @@ class EncoderBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
 
-  def _drop_path(self, y, deterministic: bool):
-    if deterministic or self.drop_path == 0.0:
+  def _drop_path(self, y, deterministic: bool, rate):
+    if deterministic or (isinstance(rate, float) and rate == 0.0):
       return y
-    keep = 1.0 - self.drop_path
+    keep = 1.0 - rate
     # One Bernoulli draw per example: the whole residual branch is dropped or kept.
     shape = (y.shape[0],) + (1,) * (y.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
     return jnp.where(mask, y / keep, jnp.zeros_like(y))
 
   @nn.compact
-  def __call__(self, x_bnd, attn_mask=None, deterministic: bool = True):
+  def __call__(self, x_bnd, attn_mask=None, deterministic: bool = True, drop_rate=None):
+    """drop_rate: this layer's stochastic-depth rate when it is traced (scanned layers)."""
+    rate = self.drop_path if drop_rate is None else drop_rate
     y = layer_norm('norm1', self.dtype, self.param_dtype)(x_bnd)
     y = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name='attn')(
       y, mask=attn_mask
     )
-    x_bnd = x_bnd + self._drop_path(y, deterministic)
+    x_bnd = x_bnd + self._drop_path(y, deterministic, rate)
     y = layer_norm('norm2', self.dtype, self.param_dtype)(x_bnd)
     y = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name='mlp')(y)
-    x_bnd = x_bnd + self._drop_path(y, deterministic)
+    x_bnd = x_bnd + self._drop_path(y, deterministic, rate)
     return nn.with_logical_constraint(x_bnd, ('batch', 'tokens', 'embed'))
+
+
+class ScannedEncoderBlock(EncoderBlock):
+  """One step of `nn.scan` over the blocks: (carry, per-layer input) -> (carry, layer output).
+
+  The mask and `deterministic` are broadcast (the same for every layer; the bool stays static);
+  the per-layer input is the layer's stochastic-depth rate.
+  """
+
+  def __call__(self, x_bnd, attn_mask, deterministic, drop_rate):
+    x_bnd = super().__call__(x_bnd, attn_mask, deterministic, drop_rate)
+    return x_bnd, x_bnd
 
 
 class Encoder(nn.Module):
@@ -57,6 +71,10 @@ class Encoder(nn.Module):
       (ConvPatchStem or AaPE).
     max_time_patches: length of the fixed position table along time (750 = 2 min at 16 frames/patch).
     remat: rematerialise each block in the backward pass (saves activation memory).
+    scan_layers: run the blocks as one `nn.scan` (parameters stacked under 'blocks' with a leading
+      'layers' axis) instead of unrolled 'blocks_0', 'blocks_1', ...: XLA compiles one block
+      instead of `depth`, which keeps ViT-B/L compile times (minutes on a TPU slice) flat in depth.
+      `unstack_blocks` / `stack_blocks` convert between the two layouts exactly.
   """
 
   stem: nn.Module
@@ -70,6 +88,7 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: str | None = None
+  scan_layers: bool = False
 
   def setup(self):
     self.cls_token = self.param(
@@ -78,10 +97,25 @@ class Encoder(nn.Module):
       (1, 1, self.width),
       self.param_dtype,
     )
-    # static_argnums counts `self`: argument 3 is `deterministic`.
-    block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
     # Linearly increasing stochastic depth, as in DeiT/BEiT fine-tuning recipes.
     rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
+    self.norm = layer_norm('norm', self.dtype, self.param_dtype)
+    if self.scan_layers:
+      self.drop_rates = jnp.asarray(rates, jnp.float32)
+      block_cls = ScannedEncoderBlock
+      if self.remat:
+        block_cls = nn.remat(ScannedEncoderBlock, static_argnums=(3,))
+      self.blocks = nn.scan(
+        block_cls,
+        variable_axes={'params': 0},
+        split_rngs={'params': True, 'dropout': True},
+        in_axes=(nn.broadcast, nn.broadcast, 0),
+        length=self.depth,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+      )(self.num_heads, self.mlp_dim, 0.0, self.dtype, self.param_dtype, self.attention_impl)
+      return
+    # static_argnums counts `self`: argument 3 is `deterministic`.
+    block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
     self.blocks = [
       block_cls(
         self.num_heads,
@@ -93,7 +127,6 @@ class Encoder(nn.Module):
       )
       for i in range(self.depth)
     ]
-    self.norm = layer_norm('norm', self.dtype, self.param_dtype)
 
   def embed(self, x_btf):
     """Patchifies and adds positions. Returns (tokens [batch, n_time * n_freq, width], grid)."""
@@ -130,15 +163,20 @@ class Encoder(nn.Module):
     if token_valid_bn is not None:
       valid_bn = jnp.concatenate([jnp.ones((batch, 1), bool), token_valid_bn.astype(bool)], axis=1)
       attn_mask = valid_bn[:, None, None, :]  # [batch, heads, queries, keys]
-    layers = []
-    for block in self.blocks:
-      x_bnd = block(x_bnd, attn_mask, deterministic)
-      if return_layers:
-        layers.append(x_bnd[:, 1:])
+    if self.scan_layers:
+      x_bnd, layers_lbnd = self.blocks(x_bnd, attn_mask, deterministic, self.drop_rates)
+      layers = layers_lbnd[:, :, 1:] if return_layers else None
+    else:
+      per_block = []
+      for block in self.blocks:
+        x_bnd = block(x_bnd, attn_mask, deterministic)
+        if return_layers:
+          per_block.append(x_bnd[:, 1:])
+      layers = jnp.stack(per_block) if return_layers else None
     x_bnd = self.norm(x_bnd)
     out = {'cls': x_bnd[:, 0], 'tokens': x_bnd[:, 1:]}
     if return_layers:
-      out['layers'] = jnp.stack(layers)
+      out['layers'] = layers
     return out
 
   def __call__(
@@ -168,3 +206,25 @@ class Encoder(nn.Module):
 def gather_tokens(tokens_bnd, idx_bk):
   """Selects tokens per example: [batch, n, d], [batch, k] -> [batch, k, d]."""
   return jnp.take_along_axis(tokens_bnd, idx_bk[:, :, None].astype(jnp.int32), axis=1)
+
+
+def unstack_blocks(encoder_params: dict, depth: int) -> dict:
+  """Scanned-layout encoder parameters -> the unrolled layout ('blocks' -> 'blocks_0', ...).
+
+  Works on plain (unboxed) arrays; logical-axis boxes are removed first.
+  """
+  params = dict(nn.meta.unbox(encoder_params))
+  if 'blocks' not in params:
+    return params
+  stacked = params.pop('blocks')
+  for i in range(depth):
+    params[f'blocks_{i}'] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  return params
+
+
+def stack_blocks(encoder_params: dict, depth: int) -> dict:
+  """Unrolled-layout encoder parameters -> the scanned layout (the inverse of unstack_blocks)."""
+  params = dict(nn.meta.unbox(encoder_params))
+  per_layer = [params.pop(f'blocks_{i}') for i in range(depth)]
+  params['blocks'] = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+  return params

@@ -4,7 +4,8 @@
 description (no TPU needed), lays the config's mesh over them, and compiles the same jitted step the
 trainer runs (`step.compile_step`: same shardings, donation and batch). XLA's memory analysis of
 that executable is what one chip needs, so a config that does not fit is found before a slice is
-booked; the step's FLOPs come from XLA's cost analysis of the same executable.
+booked. The step's FLOPs are counted from its jaxpr (`flops.jaxpr_flops`): XLA's cost analysis
+counts a scanned block once, not `depth` times.
 
   aasp-pretrain --config=configs/pretrain_large.py --workdir=/tmp/aot --compile_only \
       --topology=v5p:4x4x4 --config.global_batch=512
@@ -24,6 +25,7 @@ from ml_collections import ConfigDict
 
 from aasp_jax import sharding
 from aasp_jax.configuration import ConfigError
+from aasp_jax.train import flops as flops_lib
 from aasp_jax.train import objective as objective_lib
 from aasp_jax.train import optimizer
 from aasp_jax.train import state as state_lib
@@ -67,9 +69,9 @@ class HbmOverflowError(ConfigError):
 class AotReport:
   """What one chip needs for one train step, from XLA's analyses of the compiled step.
 
-  Byte counts are per chip (per device). `flops_per_chip` is XLA's cost analysis of the SPMD-
-  partitioned executable, which is the program ONE device runs: it is per chip, not global
-  (`flops_global` multiplies it by the chips).
+  Byte counts are per chip (per device). `flops_per_chip` is the step's matmul and convolution
+  FLOPs (counted from its jaxpr, scanned blocks `depth` times) divided evenly over the chips:
+  sharding splits the work, it does not add any (`flops_global` multiplies it back).
   """
 
   topology: str  # the topology name, or 'local (<platform>)'
@@ -176,10 +178,12 @@ def compile_for_devices(
     raise ConfigError(f'{topology}: {e}') from e
   batch = batch_abstract(cfg, objective.preset)
   start = time.perf_counter()
+  traced = step_lib.trace_step(
+    objective, tx, schedule, cfg.optimizer, mesh, rules, shardings, batch
+  )
+  step_flops = flops_lib.jaxpr_flops(traced.jaxpr)
   try:
-    compiled, memory = step_lib.compile_step(
-      objective, tx, schedule, cfg.optimizer, mesh, rules, shardings, batch
-    )
+    _, memory = step_lib.compile_traced(traced, mesh, rules)
   except jax.errors.JaxRuntimeError as e:
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
@@ -207,7 +211,7 @@ def compile_for_devices(
     peak_bytes=peak,
     hbm_bytes=hbm_bytes,
     fits=None if hbm_bytes is None else peak <= hbm_bytes,
-    flops_per_chip=step_flops(compiled),
+    flops_per_chip=step_flops / len(devices),
     compile_seconds=seconds,
   )
 
@@ -237,13 +241,6 @@ def device_memory_bytes(device) -> int | None:
   if stats and stats.get('bytes_limit'):
     return int(stats['bytes_limit'])
   return CHIP_HBM_BYTES.get(device.device_kind)
-
-
-def step_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax returned one dict per program
-    cost = cost[0]
-  return float(cost.get('flops', float('nan'))) if cost else float('nan')
 
 
 def format_report(report: AotReport) -> str:

@@ -127,7 +127,7 @@ def train_step(
   return new_state, jax.tree.map(lambda v: v.astype(jnp.float32), metrics)
 
 
-def compile_step(
+def trace_step(
   objective,
   tx,
   schedule,
@@ -138,9 +138,11 @@ def compile_step(
   batch_abstract,
   step_fn=None,
 ):
-  """Jits the step with explicit shardings and donation, compiles it ahead of time, and returns
-  (compiled step, XLA memory analysis). `step_fn` (default `train_step`) lets benchmarks compile a
-  variant with the same signature, shardings and donation."""
+  """Jits the step with explicit shardings and donation and traces it on abstract arguments.
+
+  The returned `jax.stages.Traced` holds the step's jaxpr (what `flops.jaxpr_flops` counts);
+  `compile_traced` lowers and compiles it. `step_fn` (default `train_step`) lets benchmarks
+  compile a variant with the same signature, shardings and donation."""
   step_fn = train_step if step_fn is None else step_fn
   from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -168,7 +170,13 @@ def compile_step(
     # An abstract key: a concrete one would be placed on a local device, which a TPU topology
     # compiled from a CPU host does not have.
     rng_abstract = jax.eval_shape(jax.random.key, 0)
-    compiled = step.lower(abstract_state, batch_abstract, rng_abstract).compile()
+    return step.trace(abstract_state, batch_abstract, rng_abstract)
+
+
+def compile_traced(traced, mesh, rules):
+  """Compiles a `trace_step` result; returns (compiled step, XLA memory analysis)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    compiled = traced.lower().compile()
   memory = compiled.memory_analysis()
   if memory is not None:
     mib = 1 << 20
@@ -179,3 +187,21 @@ def compile_step(
       memory.temp_size_in_bytes / mib,
     )
   return compiled, memory
+
+
+def compile_step(
+  objective,
+  tx,
+  schedule,
+  opt_cfg,
+  mesh,
+  rules,
+  state_shardings,
+  batch_abstract,
+  step_fn=None,
+):
+  """`trace_step` then `compile_traced`: (compiled step, XLA memory analysis)."""
+  traced = trace_step(
+    objective, tx, schedule, opt_cfg, mesh, rules, state_shardings, batch_abstract, step_fn
+  )
+  return compile_traced(traced, mesh, rules)
