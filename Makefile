@@ -15,7 +15,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-# The test extra adds pytest and libtpu (the TPU ahead-of-time compilation test).
+# The test extra adds pytest, pytest-xdist, scikit-learn and libtpu (the TPU ahead-of-time
+# compilation test).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
@@ -25,11 +26,12 @@ venv: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(PY) -m aasp_jax.quickstart $(ARGS)
 
+# Two workers, whole files to each (module fixtures such as the ViT-B TPU compile run once).
 test: $(VENV)/.installed-test
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist loadfile
 
 test-fast: $(VENV)/.installed-test
-	$(PY) -m pytest tests -m 'not slow'
+	$(PY) -m pytest tests -n 2 --dist loadfile -m 'not slow'
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -20,3 +20,25 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO_ROOT, 'tests', 'fixtures')
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoints(tmp_path_factory):
+  """{'aape': workdir, 'conv': workdir}: two real 2-step tiny pre-training runs, made on first use.
+
+  Built lazily per stem, so a test that needs one stem pays for one run (~20 s each on 2 cores).
+  """
+  import eval_checkpoints
+
+  root = tmp_path_factory.mktemp('tiny_checkpoints')
+  cache = tmp_path_factory.mktemp('tiny_checkpoints_xla_cache')
+
+  class Runs(dict):
+    def __missing__(self, stem):
+      self[stem] = eval_checkpoints.tiny_run(root, stem, cache)
+      return self[stem]
+
+  return Runs()

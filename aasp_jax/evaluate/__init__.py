@@ -1,6 +1,13 @@
-"""Evaluation of frozen encoders: clip embeddings and the linear probe.
+"""Evaluation of pre-trained encoders (README "Evaluation").
 
-  from aasp_jax.evaluate import linear_probe
-  result = linear_probe.probe_encoder(encoder, params, preset, 'data/sonicpi/probe_train.csv',
-                                      'data/sonicpi/probe_test.csv')
+- `pretrained`: the encoder of a training checkpoint (teacher or student), or a random one;
+- `embed` / `hear` / `embed_cli`: scene and timestamp embeddings of audio of any length, the HEAR
+  2021 API and the `aasp-embed` command;
+- `embeddings` / `linear_probe`: fixed-window clip embeddings and the L-BFGS probe the trainer's
+  online evaluation and the main job use;
+- `linear_eval` / `linear_eval_cli`: linear evaluation over seeds with cached embeddings;
+- `finetune` / `augment` / `finetune_cli` and `datasets`: the fine-tuning recipes and the readers
+  of the downstream datasets' layouts;
+- `metrics`: accuracy, mAP, d-prime;
+- `aliasing` / `aliasing_cli`: the aliasing-stability study (`aasp-aliasing`).
 """

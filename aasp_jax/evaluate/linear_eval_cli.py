@@ -1,0 +1,119 @@
+"""`aasp-linear-eval`: linear evaluation of a frozen pre-trained encoder (configs/linear_eval.py).
+
+  aasp-linear-eval --config.checkpoint=runs/quickstart \
+      --config.train=data/sonicpi/probe_train.csv --config.test=data/sonicpi/probe_test.csv
+  aasp-linear-eval --config=configs/linear_eval.py:classifier=adamw --config.checkpoint=... \
+      --config.seeds='(0, 1, 2, 3, 4)' --config.output=runs/eval/adamw.json
+
+Prints the accuracy per seed, their mean and std, and writes the full result as JSON
+(config.output, default <checkpoint workdir>/linear_eval_<which>_<step>.json) together with the
+resolved config. The config is locked: a misspelt key fails while the flags are parsed and a bad
+value before anything is read or compiled (exit status 2); unusable data exits with status 1.
+"""
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from aasp_jax import configuration
+
+PROG = 'aasp-linear-eval'
+DEFAULT_CONFIG = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+  'configs',
+  'linear_eval.py',
+)
+
+
+def parse_config(argv: Sequence[str]):
+  """The locked, checked config of a command line (argv[0] is the program name).
+
+  Raises:
+    configuration.ConfigError: for an unknown flag or key, or a bad value.
+  """
+  # Private flag values: main() can run repeatedly in one process (tests) beside other programs.
+  flag_values = flags.FlagValues()
+  try:
+    # With a default config file, overrides are applied while the flag is defined, so a misspelt
+    # key can fail here already.
+    config_flag = config_flags.DEFINE_config_file(
+      'config',
+      DEFAULT_CONFIG,
+      'path/to/configs/linear_eval.py[:classifier=adamw]; override with --config.key=value.',
+      flag_values=flag_values,
+      lock_config=True,
+      sys_argv=list(argv),  # the override flags are defined from these arguments, not sys.argv
+    )
+    rest = flag_values(list(argv))
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    raise configuration.ConfigError(str(e).strip('"')) from None
+  if len(rest) > 1:
+    raise configuration.ConfigError(f'Unexpected arguments: {rest[1:]}')
+  config = config_flag.value
+  from aasp_jax.evaluate import linear_eval
+
+  linear_eval.check_config(config)
+  return config
+
+
+def output_path(config, result: dict) -> str:
+  if config.output:
+    return config.output
+  workdir = os.path.dirname(os.path.dirname(result['checkpoint']))
+  return os.path.join(workdir, f'linear_eval_{result["which"]}_{result["step"]}.json')
+
+
+def summary(result: dict) -> str:
+  per_seed = ', '.join(
+    f'seed {r["seed"]}: {r["accuracy"]:.4f} (l2 {r["l2"]:g})' for r in result['per_seed']
+  )
+  return (
+    f'{PROG}: {result["classifier"]} on {result["splits"]} ({result["num_classes"]} classes, '
+    f'{result["train_clips"]} train / {result["test_clips"]} test clips, {result["skipped"]} '
+    f'skipped; embeddings cache {result["cache"]["train"]}/{result["cache"]["test"]})\n'
+    f'{PROG}: accuracy {result["accuracy_mean"]:.4f} ± {result["accuracy_std"]:.4f} over '
+    f'{len(result["seeds"])} seed(s) [{per_seed}]'
+  )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs `aasp-linear-eval`; returns the exit status (0 ok, 1 bad data, 2 bad config)."""
+  argv = list(sys.argv if argv is None else argv)
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
+  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax / grain thread chatter
+  try:
+    config = parse_config(argv)
+  except configuration.ConfigError as e:
+    print(f'{PROG}: config error: {e}', file=sys.stderr)
+    return 2
+  from aasp_jax.evaluate import linear_eval
+
+  try:
+    result = linear_eval.linear_eval(config)
+  except configuration.ConfigError as e:
+    print(f'{PROG}: config error: {e}', file=sys.stderr)
+    return 2
+  except (ValueError, OSError) as e:
+    print(f'{PROG}: error: {e}', file=sys.stderr)
+    return 1
+  path = output_path(config, result)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump({'result': result, 'config': config.to_dict()}, f, indent=2, default=list)
+  print(summary(result), flush=True)
+  print(f'{PROG}: wrote {path}', flush=True)
+  return 0
+
+
+def run() -> None:
+  """Console-script entry point."""
+  sys.exit(main())
+
+
+if __name__ == '__main__':
+  run()

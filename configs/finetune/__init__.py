@@ -1,0 +1,1 @@
+"""Fine-tuning recipes (EAT-style), one file per downstream task; see `common.py`."""
