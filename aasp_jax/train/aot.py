@@ -267,7 +267,7 @@ def format_report(report: AotReport) -> str:
   lines.append(f'{verdict}; headroom {_headroom(r)}')
   lines.append(
     f'step: {r.flops_per_chip / 1e12:.2f} TFLOP per chip, {r.flops_global / 1e12:.1f} TFLOP '
-    f'global (XLA cost analysis); compiled in {r.compile_seconds:.0f} s'
+    f'global (matmuls and convolutions); compiled in {r.compile_seconds:.0f} s'
   )
   return '\n'.join(lines)
 
