@@ -1,0 +1,201 @@
+"""The `aasp-export` command: a training checkpoint -> a PyTorch-ready export folder.
+
+  aasp-export runs/quickstart exports/quickstart                  # EMA teacher, newest step
+  aasp-export runs/b16_conv exports/b16 --which student --step 40000 --timm --onnx
+
+Writes OUT_DIR/model.safetensors (native layout), config.json, preprocessor_config.json and a
+README.md model card (aasp_jax.export.exporter); with --timm also timm_model.safetensors (the
+timm / Audio-MAE layout, conv stem only), and with --onnx also model.onnx (the PyTorch encoder on
+log-mel input, opset 17, dynamic batch), checked against PyTorch with onnxruntime when installed.
+No pickle file is written. Exit status: 0 done, 1 unreadable checkpoint or failed export,
+2 bad arguments (including a non-empty OUT_DIR without --force, and --timm with an AaPE stem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+from aasp_jax.export import exporter
+
+TIMM_WEIGHTS = 'timm_model.safetensors'
+ONNX_MODEL = 'model.onnx'
+# Every file this command may write: --force replaces these (and only these) in OUT_DIR, so a
+# stale model.onnx from an earlier run cannot sit next to new weights.
+OUTPUTS = (*exporter.FILES, TIMM_WEIGHTS, ONNX_MODEL)
+
+
+def _step(text: str) -> int:
+  try:
+    step = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a step number') from None
+  if step < 0:
+    raise argparse.ArgumentTypeError(f'{text!r}: a step is >= 0')
+  return step
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog='aasp-export', description=__doc__.split('\n\n')[0])
+  parser.add_argument(
+    'checkpoint', help='training workdir, its checkpoints/ folder or a step folder'
+  )
+  parser.add_argument('out_dir', help='the export folder to write (must be empty unless --force)')
+  parser.add_argument(
+    '--which', choices=exporter.WHICH, default='teacher', help='which encoder (default: teacher)'
+  )
+  parser.add_argument('--step', type=_step, default=None, help='checkpoint step (default: newest)')
+  parser.add_argument(
+    '--timm', action='store_true', help='also write timm_model.safetensors (conv stem only)'
+  )
+  parser.add_argument(
+    '--onnx', action='store_true', help='also write model.onnx (needs torch and onnx)'
+  )
+  parser.add_argument(
+    '--force',
+    action='store_true',
+    help="write into a non-empty OUT_DIR (replacing this tool's files)",
+  )
+  return parser
+
+
+def _saved_model_config(checkpoint: str, step: int | None) -> dict:
+  """The `model` section saved with the checkpoint: one small JSON file, no arrays, read-only."""
+  import orbax.checkpoint as ocp
+
+  from aasp_jax import checkpointing
+  from aasp_jax.evaluate import pretrained
+
+  directory, step = pretrained.find_checkpoint(checkpoint, step)
+  manager = ocp.CheckpointManager(
+    directory,
+    options=ocp.CheckpointManagerOptions(create=False),
+    item_handlers={checkpointing.CONFIG: ocp.JsonCheckpointHandler()},
+  )
+  try:
+    saved = manager.restore(
+      step, args=ocp.args.Composite(**{checkpointing.CONFIG: ocp.args.JsonRestore()})
+    )[checkpointing.CONFIG]
+  finally:
+    manager.close()
+  return saved['model']
+
+
+def _check_out_dir(parser: argparse.ArgumentParser, out_dir: str, force: bool) -> None:
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    parser.error(f'OUT_DIR {out_dir} exists and is not a folder.')
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+    parser.error(
+      f'OUT_DIR {out_dir} is not empty; choose an empty or new folder, or pass --force to replace '
+      f'the export files in it ({", ".join(OUTPUTS)}).'
+    )
+
+
+def _missing_onnx_dependencies() -> list[str]:
+  return [m for m in ('torch', 'onnx') if importlib.util.find_spec(m) is None]
+
+
+def _size(num_bytes: int) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if num_bytes < 1024 or unit == 'GiB':
+      return f'{num_bytes:.0f} {unit}' if unit == 'B' else f'{num_bytes:.1f} {unit}'
+    num_bytes /= 1024
+  raise AssertionError('unreachable')
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs `aasp-export`; returns the exit status (0 ok, 1 bad files / failed export, 2 usage)."""
+  parser = _parser()
+  args = parser.parse_args(argv)
+  out_dir = os.path.abspath(args.out_dir)
+  _check_out_dir(parser, out_dir, args.force)
+  if args.onnx and (missing := _missing_onnx_dependencies()):
+    print(
+      f'aasp-export: error: --onnx needs {" and ".join(missing)}: pip install torch onnx '
+      '(and onnxruntime to check the file); nothing was written.',
+      file=sys.stderr,
+    )
+    return 1
+  start = time.perf_counter()
+  timings = {}
+  try:
+    if args.timm:
+      stem = _saved_model_config(args.checkpoint, args.step).get('stem')
+      timings['stem check'] = time.perf_counter() - start
+      if stem != 'conv':
+        parser.error(
+          f"--timm: the checkpoint's stem is {stem!r}; the timm / Audio-MAE layout holds only the "
+          'plain conv stem (AaPE has no place in a timm ViT). Drop --timm: model.safetensors and '
+          'the aasp-jax PyTorch module reproduce AaPE.'
+        )
+    if args.force:
+      for name in OUTPUTS:
+        if os.path.isfile(path := os.path.join(out_dir, name)):
+          os.remove(path)
+    result = exporter.export_checkpoint(args.checkpoint, out_dir, which=args.which, step=args.step)
+    files = dict(result.files)
+    timings['export'] = result.seconds
+    if args.timm:
+      files[TIMM_WEIGHTS], timings['timm'] = _write_timm(out_dir)
+    if args.onnx:
+      files[ONNX_MODEL], timings['onnx'], check = _write_onnx(out_dir)
+  except (OSError, ValueError) as e:
+    print(f'aasp-export: error: {e}', file=sys.stderr)
+    return 1
+  total = time.perf_counter() - start
+  print(f'aasp-export: {result.which} encoder of step {result.step} -> {out_dir}')
+  for name, num_bytes in files.items():
+    print(f'  {name:<26} {_size(num_bytes):>10}')
+  if args.onnx:
+    print(f'  {check}')
+  parts = ', '.join(f'{k} {v:.1f} s' for k, v in timings.items())
+  print(f'aasp-export: wrote {len(files)} files in {total:.1f} s ({parts})')
+  return 0
+
+
+def _write_timm(out_dir: str) -> tuple[int, float]:
+  """timm_model.safetensors from the export folder just written (not from the checkpoint)."""
+  from aasp_jax.export import timm_layout
+
+  start = time.perf_counter()
+  config, preset, tensors = exporter.load_export(out_dir)
+  path = os.path.join(out_dir, TIMM_WEIGHTS)
+  timm_layout.save_timm(
+    path,
+    exporter.unflatten_params(tensors),
+    config['model'],
+    target_length=preset['target_length'],
+    num_mel_bins=preset['num_mel_bins'],
+  )
+  return os.path.getsize(path), time.perf_counter() - start
+
+
+def _write_onnx(out_dir: str) -> tuple[int, float, str]:
+  """model.onnx of the PyTorch encoder, and a line saying how it compares with PyTorch."""
+  from aasp_jax.export import onnx_export
+
+  start = time.perf_counter()
+  path = os.path.join(out_dir, ONNX_MODEL)
+  done = onnx_export.export_encoder_onnx(out_dir, path)
+  seconds = time.perf_counter() - start
+  check = f'model.onnx: opset {done.opset} ({done.exporter} exporter), dynamic batch; '
+  if importlib.util.find_spec('onnxruntime') is None:
+    check += 'not checked: pip install onnxruntime to compare it with PyTorch'
+  else:
+    error = onnx_export.check_onnx(path, done.module, done.inputs)
+    check += f'vs PyTorch (onnxruntime, CPU): max relative error {error:.2e}'
+    if not error < onnx_export.CHECK_TOLERANCE:
+      raise ValueError(f'{path}: {check}, above {onnx_export.CHECK_TOLERANCE:g}; do not use it.')
+  return os.path.getsize(path), seconds, check
+
+
+def run() -> None:
+  """Console-script entry point."""
+  sys.exit(main())
+
+
+if __name__ == '__main__':
+  run()

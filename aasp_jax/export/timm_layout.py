@@ -1,0 +1,522 @@
+"""The timm-ViT / Audio-MAE weight layout of the plain-stem (conv) encoder: export and import.
+
+Existing PyTorch audio tools (Audio-MAE, EAT's timm-style encoders, timm's VisionTransformer with
+`in_chans=1`) name a ViT's weights as below. `to_timm` writes the JAX encoder's weights under these
+names; `from_timm` reads them back (or an Audio-MAE / EAT-style checkpoint) into JAX parameters.
+
+  JAX (unrolled encoder params)            timm / Audio-MAE                shape (timm)
+  stem.proj.kernel [pt, pf, 1, D]          patch_embed.proj.weight         [D, 1, pt, pf]
+  stem.proj.bias                           patch_embed.proj.bias           [D]
+  cls [1, 1, D]                            cls_token                       [1, 1, D]
+  (fixed 2-D sin-cos table)                pos_embed                       [1, 1 + N, D]
+  blocks_i.norm1.{scale, bias}             blocks.i.norm1.{weight, bias}   [D]
+  blocks_i.attn.{query,key,value}.kernel   blocks.i.attn.qkv.weight        [3D, D] (q; k; v rows)
+  blocks_i.attn.{query,key,value}.bias     blocks.i.attn.qkv.bias          [3D]
+  blocks_i.attn.out.{kernel, bias}         blocks.i.attn.proj.{weight, bias}
+  blocks_i.norm2.{scale, bias}             blocks.i.norm2.{weight, bias}
+  blocks_i.mlp.fc1 / fc2.{kernel, bias}    blocks.i.mlp.fc1 / fc2.{weight, bias}
+  norm.{scale, bias}                       norm.{weight, bias}
+
+Dense kernels are [in, out] in flax and [out, in] in torch, hence the transposes. The PyTorch model
+feeds the log-mel as an image [B, 1, T, F] (H = time, W = mel), so `patch_embed.proj` sees the
+same 16x16 patch as the flax conv on [B, T, F, 1], and timm's `flatten(2)` gives the same
+time-major token order. LayerNorm epsilon is 1e-6 and the GELU is exact (erf) on both sides.
+
+Positions. The JAX encoder adds a FIXED 2-D sin-cos table to the patch tokens and none to the CLS
+token. `to_timm` writes that table (cropped to `target_length`) as `pos_embed` with a zero CLS row,
+so a timm model that adds `pos_embed` to every token computes the same function. On import a
+`pos_embed` is not loaded (the JAX encoder has no position parameter): its CLS row is folded into
+`cls_token` (exact), and its patch rows are compared with the fixed table and the result reported.
+Audio-MAE's own table is the same sin-cos with the two halves swapped (MAE's meshgrid puts the
+frequency coordinate first); imported Audio-MAE weights therefore see our table, which differs from
+the one they were trained with until fine-tuning adapts them (the report says so).
+
+Fine-tuning from Audio-MAE / EAT ViT-B weights. Their encoder is `configs/pretrain_base.py` with
+the plain stem (`:stem=conv`): width 768, depth 12, 12 heads, MLP 3072, 16x16 patches, and the
+`eat_audiomae` front end (Kaldi fbank, 128 mel bins, 1024 frames, AudioSet normalisation). The
+weights do not encode the head count: 12 is what ViT-B uses.
+
+  config = configuration.load_config('configs/pretrain_base.py:stem=conv')
+  imported = timm_layout.load_timm('audiomae_pretrained.pth', config.model)
+  timm_layout.write_encoder_checkpoint('runs/audiomae_b16', config, imported.params)
+  # then: aasp-finetune --config=configs/finetune/esc50.py:test_fold=1 \
+  #         --config.init_checkpoint=runs/audiomae_b16 --config.dataset.root=... ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from aasp_jax.export import safetensors_io
+from aasp_jax.models import posemb
+
+LAYOUT_METADATA = {'format': 'aasp-jax-encoder', 'format_version': '1', 'layout': 'timm'}
+# Wrappers that training scripts put around a state dict, and the name prefixes that DataParallel
+# ('module.'), Audio-MAE / EAT style wrappers ('model.', 'encoder.') add to every tensor name.
+_NESTING_KEYS = ('model', 'state_dict')
+_NAME_PREFIXES = ('module.', 'model.', 'encoder.')
+_TORCH_HINT = 'reading .pt/.pth files needs PyTorch: pip install torch (CPU wheels are enough)'
+
+log = logging.getLogger(__name__)
+
+
+class TimmLayoutError(ValueError):
+  """A state dict that cannot be mapped to (or from) the timm layout; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TimmImport:
+  """What `from_timm` produced.
+
+  Attributes:
+    params: the encoder's parameters (unrolled layout, float32 numpy), ready for `encoder.apply`.
+    ignored: names of tensors in the state dict that the encoder has no place for (decoder, head,
+      mask token, fc_norm, ...), sorted.
+    notes: what happened to `pos_embed` (compared with the fixed table, CLS row folded in).
+  """
+
+  params: dict
+  ignored: list[str]
+  notes: list[str]
+
+
+def _cfg(model_cfg: Mapping[str, Any], key: str):
+  # model_cfg is a ConfigDict (training config) or a plain dict (an export's config.json).
+  try:
+    return model_cfg[key]
+  except KeyError:
+    raise TimmLayoutError(f'model config has no {key!r} field; is this a model section?') from None
+
+
+def check_conv_stem(model_cfg: Mapping[str, Any]) -> None:
+  """Raises TimmLayoutError unless the model uses the plain conv stem (the timm layout's only)."""
+  stem = _cfg(model_cfg, 'stem')
+  if stem != 'conv':
+    raise TimmLayoutError(
+      f"the timm / Audio-MAE layout holds only the plain conv patch stem, but this model's stem is "
+      f'{stem!r}: a ViT in timm has no place for the AaPE branch (Lambda encoder, SBLU modes, '
+      'fusion gate). Use the native export (model.safetensors + the aasp-jax PyTorch module), '
+      'which reproduces AaPE.'
+    )
+
+
+def grid_size(
+  model_cfg: Mapping[str, Any], target_length: int, num_mel_bins: int
+) -> tuple[int, int]:
+  """(time patches, frequency patches) of a [target_length, num_mel_bins] log-mel."""
+  patch_t, patch_f = _cfg(model_cfg, 'patch_t'), _cfg(model_cfg, 'patch_f')
+  if target_length % patch_t or num_mel_bins % patch_f:
+    raise TimmLayoutError(
+      f'a [{target_length}, {num_mel_bins}] log-mel does not tile into [{patch_t}, {patch_f}] '
+      'patches; target_length and num_mel_bins must be multiples of the patch size.'
+    )
+  return target_length // patch_t, num_mel_bins // patch_f
+
+
+def timm_shapes(model_cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  """The shape of every tensor `from_timm` needs (pos_embed is optional and not listed)."""
+  width, mlp = _cfg(model_cfg, 'width'), _cfg(model_cfg, 'mlp_dim')
+  patch_t, patch_f = _cfg(model_cfg, 'patch_t'), _cfg(model_cfg, 'patch_f')
+  shapes = {
+    'patch_embed.proj.weight': (width, 1, patch_t, patch_f),
+    'patch_embed.proj.bias': (width,),
+    'cls_token': (1, 1, width),
+  }
+  for i in range(_cfg(model_cfg, 'depth')):
+    b = f'blocks.{i}'
+    shapes.update(
+      {
+        f'{b}.norm1.weight': (width,),
+        f'{b}.norm1.bias': (width,),
+        f'{b}.attn.qkv.weight': (3 * width, width),
+        f'{b}.attn.qkv.bias': (3 * width,),
+        f'{b}.attn.proj.weight': (width, width),
+        f'{b}.attn.proj.bias': (width,),
+        f'{b}.norm2.weight': (width,),
+        f'{b}.norm2.bias': (width,),
+        f'{b}.mlp.fc1.weight': (mlp, width),
+        f'{b}.mlp.fc1.bias': (mlp,),
+        f'{b}.mlp.fc2.weight': (width, mlp),
+        f'{b}.mlp.fc2.bias': (width,),
+      }
+    )
+  shapes['norm.weight'] = (width,)
+  shapes['norm.bias'] = (width,)
+  return shapes
+
+
+def fixed_pos_embed(
+  model_cfg: Mapping[str, Any], target_length: int, num_mel_bins: int
+) -> np.ndarray:
+  """[1, 1 + N, D]: the encoder's sin-cos table for this input size, with a zero CLS row."""
+  n_time, n_freq = grid_size(model_cfg, target_length, num_mel_bins)
+  width = _cfg(model_cfg, 'width')
+  table = posemb.grid_posemb(width, (n_time, n_freq), _cfg(model_cfg, 'max_time_patches'))
+  return np.concatenate([np.zeros((1, width), np.float32), table], axis=0)[None]
+
+
+def _f32(x) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+def _unrolled(params: Mapping[str, Any], depth: int) -> Mapping[str, Any]:
+  if 'blocks' in params:  # a scanned-layout tree: per-layer names are what timm addresses
+    # Imported here: it pulls in flax, which reading or writing the timm layout does not need.
+    from aasp_jax.models import vit
+
+    return vit.unstack_blocks(dict(params), depth)
+  return params
+
+
+def to_timm(
+  params: Mapping[str, Any],
+  model_cfg: Mapping[str, Any],
+  *,
+  target_length: int = 1024,
+  num_mel_bins: int = 128,
+) -> dict[str, np.ndarray]:
+  """The conv-stem encoder's parameters under timm / Audio-MAE names (float32 numpy, torch layout).
+
+  Args:
+    params: the encoder's parameters (unrolled 'blocks_0', ... or scanned 'blocks').
+    model_cfg: the model section of the config (ConfigDict or dict); its stem must be 'conv'.
+    target_length, num_mel_bins: the input size (the front-end preset's) that sizes `pos_embed`.
+  """
+  check_conv_stem(model_cfg)
+  depth = _cfg(model_cfg, 'depth')
+  p = _unrolled(params, depth)
+  kernel = _f32(p['stem']['proj']['kernel'])  # [pt, pf, 1, D] (flax HWIO)
+  out = {
+    'patch_embed.proj.weight': _f32(kernel.transpose(3, 2, 0, 1)),  # -> [D, 1, pt, pf] (OIHW)
+    'patch_embed.proj.bias': _f32(p['stem']['proj']['bias']),
+    'cls_token': _f32(p['cls']),
+    'pos_embed': fixed_pos_embed(model_cfg, target_length, num_mel_bins),
+  }
+  for i in range(depth):
+    blk, b = p[f'blocks_{i}'], f'blocks.{i}'
+    attn = blk['attn']
+    qkv_w = np.concatenate([_f32(attn[n]['kernel']).T for n in ('query', 'key', 'value')], axis=0)
+    qkv_b = np.concatenate([_f32(attn[n]['bias']) for n in ('query', 'key', 'value')], axis=0)
+    out.update(
+      {
+        f'{b}.norm1.weight': _f32(blk['norm1']['scale']),
+        f'{b}.norm1.bias': _f32(blk['norm1']['bias']),
+        f'{b}.attn.qkv.weight': _f32(qkv_w),
+        f'{b}.attn.qkv.bias': _f32(qkv_b),
+        f'{b}.attn.proj.weight': _f32(_f32(attn['out']['kernel']).T),
+        f'{b}.attn.proj.bias': _f32(attn['out']['bias']),
+        f'{b}.norm2.weight': _f32(blk['norm2']['scale']),
+        f'{b}.norm2.bias': _f32(blk['norm2']['bias']),
+        f'{b}.mlp.fc1.weight': _f32(_f32(blk['mlp']['fc1']['kernel']).T),
+        f'{b}.mlp.fc1.bias': _f32(blk['mlp']['fc1']['bias']),
+        f'{b}.mlp.fc2.weight': _f32(_f32(blk['mlp']['fc2']['kernel']).T),
+        f'{b}.mlp.fc2.bias': _f32(blk['mlp']['fc2']['bias']),
+      }
+    )
+  out['norm.weight'] = _f32(p['norm']['scale'])
+  out['norm.bias'] = _f32(p['norm']['bias'])
+  _check_against(out, timm_shapes(model_cfg), 'to_timm output')
+  return out
+
+
+def _check_against(tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple], where: str):
+  missing = [n for n in shapes if n not in tensors]
+  if missing:
+    more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
+    hint = ''
+    if 'norm.weight' in missing and 'fc_norm.weight' in tensors:
+      hint = (
+        ' This looks like a fine-tuned Audio-MAE with global pooling (fc_norm replaces norm): '
+        'start from the pre-trained checkpoint instead.'
+      )
+    raise TimmLayoutError(
+      f'{where}: tensor {missing[0]!r} (expected shape {list(shapes[missing[0]])}) is missing'
+      f'{more}; the model config asks for {len(shapes)} tensors.{hint}'
+    )
+  for name, shape in shapes.items():
+    got = tuple(np.shape(tensors[name]))
+    if got != tuple(shape):
+      raise TimmLayoutError(
+        f'{where}: tensor {name!r} has shape {list(got)} but the model config expects '
+        f'{list(shape)}; check that width / depth / mlp_dim / patch size match the checkpoint.'
+      )
+
+
+def _pos_embed_note(pos: np.ndarray, model_cfg, num_mel_bins: int) -> str:
+  """Compares a pos_embed's patch rows with the fixed table (ours and Audio-MAE's ordering)."""
+  width = _cfg(model_cfg, 'width')
+  n_freq = num_mel_bins // _cfg(model_cfg, 'patch_f')
+  rows = pos.shape[1] - 1
+  if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != width or rows % n_freq:
+    return (
+      f'pos_embed of shape {list(pos.shape)} does not fit a [T, {n_freq}] patch grid of width '
+      f'{width}; ignored (the encoder uses its fixed 2-D sin-cos table).'
+    )
+  n_time = rows // n_freq
+  if n_time > _cfg(model_cfg, 'max_time_patches'):
+    return f'pos_embed covers {n_time} time patches, more than model.max_time_patches; ignored.'
+  ours = posemb.sincos_table(width, n_time, n_freq)
+  patch = pos[0, 1:].reshape(n_time, n_freq, width)
+  half = width // 2
+  swapped = np.concatenate([ours[..., half:], ours[..., :half]], axis=-1)
+  if np.allclose(patch, ours, atol=1e-5):
+    return f"pos_embed ({n_time}x{n_freq} patches) equals the encoder's fixed sin-cos table."
+  if np.allclose(patch, swapped, atol=1e-5):
+    return (
+      f"pos_embed ({n_time}x{n_freq} patches) is Audio-MAE's sin-cos table (frequency in the first "
+      "half); ignored: the encoder's fixed table puts time first, so outputs differ from the "
+      'original model until fine-tuning adapts the weights.'
+    )
+  diff = float(np.max(np.abs(patch - ours)))
+  return (
+    f'pos_embed ({n_time}x{n_freq} patches) differs from the fixed sin-cos table (max abs diff '
+    f'{diff:.3g}, e.g. a learned table); ignored: the encoder uses its fixed table.'
+  )
+
+
+def from_timm(
+  state_dict: Mapping[str, Any], model_cfg: Mapping[str, Any], *, num_mel_bins: int = 128
+) -> TimmImport:
+  """Imports timm / Audio-MAE-named weights into the conv-stem encoder's parameter tree.
+
+  Args:
+    state_dict: name -> array (numpy or anything np.asarray accepts), names already unwrapped
+      (`load_state_dict_file` does that for files).
+    model_cfg: the model section the parameters are for; its stem must be 'conv'.
+    num_mel_bins: the input's mel bins, to read `pos_embed` as a [T, F] patch grid.
+
+  Returns:
+    TimmImport(params, ignored, notes). Extra tensors (decoder, head, ...) are ignored, listed and
+    logged; a missing or mis-shaped one raises TimmLayoutError naming it and its expected shape.
+  """
+  check_conv_stem(model_cfg)
+  shapes = timm_shapes(model_cfg)
+  sd = {k: v for k, v in state_dict.items()}
+  _check_against(sd, shapes, 'state dict')
+  t = {k: _f32(sd[k]) for k in shapes}
+  notes = []
+  cls = t['cls_token']
+  if 'pos_embed' in sd:
+    pos = _f32(sd['pos_embed'])
+    if pos.ndim == 3 and pos.shape[-1] == cls.shape[-1] and pos.shape[1] >= 1:
+      # timm adds pos_embed[:, :1] to the CLS token; the JAX encoder adds nothing to it, so the
+      # sum is the equivalent CLS parameter (exact; zero for Audio-MAE and our own export).
+      if np.any(pos[:, :1]):
+        notes.append('the CLS row of pos_embed is non-zero: folded into cls (cls_token + row).')
+      cls = _f32(cls + pos[:, :1])
+    notes.append(_pos_embed_note(pos, model_cfg, num_mel_bins))
+  else:
+    notes.append("no pos_embed: the encoder's fixed 2-D sin-cos table is used.")
+  params: dict[str, Any] = {
+    'cls': cls,
+    'stem': {
+      'proj': {
+        'kernel': _f32(t['patch_embed.proj.weight'].transpose(2, 3, 1, 0)),  # OIHW -> HWIO
+        'bias': t['patch_embed.proj.bias'],
+      }
+    },
+    'norm': {'scale': t['norm.weight'], 'bias': t['norm.bias']},
+  }
+  for i in range(_cfg(model_cfg, 'depth')):
+    b = f'blocks.{i}'
+    q_w, k_w, v_w = np.split(t[f'{b}.attn.qkv.weight'], 3, axis=0)
+    q_b, k_b, v_b = np.split(t[f'{b}.attn.qkv.bias'], 3, axis=0)
+    params[f'blocks_{i}'] = {
+      'norm1': {'scale': t[f'{b}.norm1.weight'], 'bias': t[f'{b}.norm1.bias']},
+      'attn': {
+        'query': {'kernel': _f32(q_w.T), 'bias': _f32(q_b)},
+        'key': {'kernel': _f32(k_w.T), 'bias': _f32(k_b)},
+        'value': {'kernel': _f32(v_w.T), 'bias': _f32(v_b)},
+        'out': {'kernel': _f32(t[f'{b}.attn.proj.weight'].T), 'bias': t[f'{b}.attn.proj.bias']},
+      },
+      'norm2': {'scale': t[f'{b}.norm2.weight'], 'bias': t[f'{b}.norm2.bias']},
+      'mlp': {
+        'fc1': {'kernel': _f32(t[f'{b}.mlp.fc1.weight'].T), 'bias': t[f'{b}.mlp.fc1.bias']},
+        'fc2': {'kernel': _f32(t[f'{b}.mlp.fc2.weight'].T), 'bias': t[f'{b}.mlp.fc2.bias']},
+      },
+    }
+  ignored = sorted(set(sd) - set(shapes) - {'pos_embed'})
+  if ignored:
+    shown = ', '.join(ignored[:8]) + (f', ... ({len(ignored)} in all)' if len(ignored) > 8 else '')
+    log.info(
+      'timm import: ignored %d tensor(s) the encoder has no place for: %s', len(ignored), shown
+    )
+  for note in notes:
+    log.info('timm import: %s', note)
+  return TimmImport(params=params, ignored=ignored, notes=notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def _unwrap(obj: Any, path: str) -> dict:
+  """Descends through {'model': ...} / {'state_dict': ...} wrappers to the name -> tensor dict."""
+  while isinstance(obj, Mapping):
+    nested = [k for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping)]
+    if not nested:
+      break
+    obj = obj[nested[0]]
+  if not isinstance(obj, Mapping) or not obj:
+    raise TimmLayoutError(f'{path}: holds no state dict (a name -> tensor mapping).')
+  return dict(obj)
+
+
+def strip_prefixes(state_dict: Mapping[str, Any], path: str = 'state dict') -> dict:
+  """Removes leading 'module.' / 'model.' / 'encoder.' (in any order, repeated) from every name."""
+  out = {}
+  for name, value in state_dict.items():
+    short = name
+    while short.startswith(_NAME_PREFIXES):
+      short = short.split('.', 1)[1]
+    if short in out:
+      raise TimmLayoutError(
+        f'{path}: two tensors map to {short!r} once the wrapper prefixes {_NAME_PREFIXES} are '
+        'removed; the file holds more than one model. Extract the encoder state dict first.'
+      )
+    out[short] = value
+  return out
+
+
+def _load_torch(path: str) -> Any:
+  try:
+    import torch  # optional: only .pt / .pth files need it
+  except ImportError:
+    raise ImportError(f'{path}: {_TORCH_HINT}') from None
+  try:
+    return torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # torch raises UnpicklingError / RuntimeError subclasses here
+    if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+      raise TimmLayoutError(
+        f'{path}: holds Python objects besides tensors (e.g. training args), which '
+        'torch.load(weights_only=True) refuses to unpickle for safety. If you trust the file, '
+        "re-save its weights: torch.save(torch.load(p, weights_only=False)['model'], 'w.pt')."
+      ) from e
+    raise TimmLayoutError(f'{path}: not a readable PyTorch checkpoint ({e}).') from e
+
+
+def _to_numpy(name: str, value: Any, path: str) -> np.ndarray:
+  if hasattr(value, 'detach'):  # a torch tensor (bf16 / fp16 included)
+    return value.detach().to('cpu').float().numpy()
+  if isinstance(value, np.ndarray):
+    return value
+  raise TimmLayoutError(f'{path}: entry {name!r} is a {type(value).__name__}, not a tensor.')
+
+
+def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
+  """name -> float32-or-native numpy array from a .safetensors, .pt or .pth file.
+
+  'model' / 'state_dict' wrappers are unwrapped and 'module.' / 'model.' / 'encoder.' prefixes
+  stripped; other non-tensor entries of a wrapper (epoch, optimizer) are not part of the result.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no such file.')
+  if path.endswith('.safetensors'):
+    tensors, _ = safetensors_io.load(path)
+    return strip_prefixes(tensors, path)
+  if path.endswith(('.pt', '.pth', '.bin', '.ckpt')):
+    sd = _unwrap(_load_torch(path), path)
+    tensors = {}
+    for name, value in sd.items():
+      if hasattr(value, 'detach') or isinstance(value, np.ndarray):
+        tensors[name] = _to_numpy(name, value, path)
+    if not tensors:
+      raise TimmLayoutError(f'{path}: its state dict holds no tensors.')
+    return strip_prefixes(tensors, path)
+  raise TimmLayoutError(f'{path}: unknown weight file type; give a .safetensors, .pt or .pth file.')
+
+
+def load_timm(path: str, model_cfg: Mapping[str, Any], *, num_mel_bins: int = 128) -> TimmImport:
+  """`from_timm(load_state_dict_file(path), model_cfg)`, with the file named in errors."""
+  sd = load_state_dict_file(path)
+  try:
+    return from_timm(sd, model_cfg, num_mel_bins=num_mel_bins)
+  except TimmLayoutError as e:
+    raise TimmLayoutError(f'{path}: {e}') from None
+
+
+def save_timm(
+  path: str,
+  params: Mapping[str, Any],
+  model_cfg: Mapping[str, Any],
+  *,
+  target_length: int = 1024,
+  num_mel_bins: int = 128,
+) -> dict[str, np.ndarray]:
+  """Writes `to_timm(...)` as a safetensors file (metadata layout 'timm'); returns the tensors."""
+  tensors = to_timm(params, model_cfg, target_length=target_length, num_mel_bins=num_mel_bins)
+  safetensors_io.save(path, tensors, dict(LAYOUT_METADATA))
+  return tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning from imported weights
+
+
+def write_encoder_checkpoint(workdir: str, config, params: Mapping[str, Any], step: int = 0) -> str:
+  """Saves encoder parameters as a training checkpoint of `workdir`; returns its step folder.
+
+  The checkpoint holds `params` as both the EMA teacher and the student encoder, and the full
+  `config`, in the layout `pretrained.load_pretrained` reads, so imported weights (e.g. from
+  `load_timm`) can be fine-tuned (`aasp-finetune --config.init_checkpoint=WORKDIR`), embedded
+  (`aasp-embed`) or probed (`aasp-linear-eval`) like an AaSP run. There is no optimizer state:
+  it cannot resume pre-training.
+
+  Args:
+    workdir: a new run folder (one that already has checkpoints is refused).
+    config: the complete config (`model` and `frontend` sections), e.g.
+      `configuration.load_config('configs/pretrain_base.py:stem=conv')`.
+    params: the encoder's parameters in the unrolled layout ('blocks_0', ...); they are stacked
+      here when `config.model.scan_layers` is set.
+  """
+  # Imported here: orbax and flax are needed only for this function.
+  import jax
+  import orbax.checkpoint as ocp
+
+  from aasp_jax import checkpointing, configuration
+  from aasp_jax.export import exporter
+  from aasp_jax.models import vit
+
+  directory = os.path.join(os.path.abspath(os.fspath(workdir)), 'checkpoints')
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise FileExistsError(f'{directory} already holds checkpoints; choose a new workdir.')
+  flat = exporter.flatten_params(params)
+  want = exporter.expected_shapes(config.model, configuration.frontend_preset(config))
+  _check_against(flat, want, 'encoder params')
+  extra = sorted(set(flat) - set(want))
+  if extra:
+    raise TimmLayoutError(f'encoder params: {extra[:5]} are not parameters of the config encoder.')
+  tree = exporter.unflatten_params(flat)  # float32 numpy
+  if config.model.scan_layers:
+    tree = jax.tree.map(np.asarray, vit.stack_blocks(tree, config.model.depth))
+  manager = ocp.CheckpointManager(
+    directory,
+    item_handlers={
+      checkpointing.STATE: ocp.StandardCheckpointHandler(),
+      checkpointing.CONFIG: ocp.JsonCheckpointHandler(),
+    },
+  )
+  try:
+    manager.save(
+      step,
+      args=ocp.args.Composite(
+        **{
+          checkpointing.STATE: ocp.args.StandardSave(
+            {'train': {'teacher': tree, 'params': {'encoder': tree}}}
+          ),
+          checkpointing.CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
+        }
+      ),
+    )
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  return os.path.join(directory, str(step))
