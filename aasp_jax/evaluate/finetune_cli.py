@@ -13,7 +13,6 @@ while the flags are parsed, and bad values fail before any data is read or anyth
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from aasp_jax import configuration
+from aasp_jax.evaluate import cli_common
 
 SUMMARY_FILE = 'finetune_summary.json'
 PROG = 'aasp-finetune'
@@ -78,33 +78,21 @@ def parse_config(argv: Sequence[str]):
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs `aasp-finetune`; returns the exit status (0 ok, 1 bad data, 2 bad config)."""
-  argv = list(sys.argv if argv is None else argv)
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
-  logging.getLogger('aasp_jax').setLevel(logging.INFO)
-  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax / grain thread chatter
-  try:
-    config = parse_config(argv)
-  except configuration.ConfigError as e:
-    print(f'{PROG}: config error: {e}', file=sys.stderr)
-    return 2
+  return cli_common.run_program(PROG, argv, parse_config, _finetune)
+
+
+def _finetune(config) -> int:
   from aasp_jax.evaluate import finetune
 
-  try:
-    finetuner = finetune.Finetuner(config)
-    print(
-      f'{PROG}: {config.dataset.name}: {len(finetuner.splits.train.entries)} training and '
-      f'{len(finetuner.splits.test.entries)} test clips, {len(finetuner.splits.class_names)} '
-      f'classes; {finetuner.total_steps} steps of {config.batch_size} from '
-      f'{finetuner.pretrained.source} ({config.which})',
-      flush=True,
-    )
-    result = finetuner.run()
-  except configuration.ConfigError as e:
-    print(f'{PROG}: config error: {e}', file=sys.stderr)
-    return 2
-  except (ValueError, OSError) as e:
-    print(f'{PROG}: error: {e}', file=sys.stderr)
-    return 1
+  finetuner = finetune.Finetuner(config)
+  print(
+    f'{PROG}: {config.dataset.name}: {len(finetuner.splits.train.entries)} training and '
+    f'{len(finetuner.splits.test.entries)} test clips, {len(finetuner.splits.class_names)} '
+    f'classes; {finetuner.total_steps} steps of {config.batch_size} from '
+    f'{finetuner.pretrained.source} ({config.which})',
+    flush=True,
+  )
+  result = finetuner.run()
   path = os.path.join(config.workdir, SUMMARY_FILE)
   finetune.write_summary(result, config, path, finetuner.pretrained.source)
   skipped = {split: sum(counts.values()) for split, counts in result.skipped.items()}

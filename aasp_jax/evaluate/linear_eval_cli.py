@@ -12,7 +12,6 @@ value before anything is read or compiled (exit status 2); unusable data exits w
 """
 
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from aasp_jax import configuration
+from aasp_jax.evaluate import cli_common
 
 PROG = 'aasp-linear-eval'
 DEFAULT_CONFIG = os.path.join(
@@ -83,24 +83,13 @@ def summary(result: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs `aasp-linear-eval`; returns the exit status (0 ok, 1 bad data, 2 bad config)."""
-  argv = list(sys.argv if argv is None else argv)
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
-  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax / grain thread chatter
-  try:
-    config = parse_config(argv)
-  except configuration.ConfigError as e:
-    print(f'{PROG}: config error: {e}', file=sys.stderr)
-    return 2
+  return cli_common.run_program(PROG, argv, parse_config, _linear_eval)
+
+
+def _linear_eval(config) -> int:
   from aasp_jax.evaluate import linear_eval
 
-  try:
-    result = linear_eval.linear_eval(config)
-  except configuration.ConfigError as e:
-    print(f'{PROG}: config error: {e}', file=sys.stderr)
-    return 2
-  except (ValueError, OSError) as e:
-    print(f'{PROG}: error: {e}', file=sys.stderr)
-    return 1
+  result = linear_eval.linear_eval(config)
   path = output_path(config, result)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w') as f:
