@@ -35,7 +35,7 @@ import numpy as np
 from aasp_jax.audio import fbank_device, fbank_host
 from aasp_jax.audio import presets as presets_lib
 from aasp_jax.data import clips, manifest, pipeline, sources
-from aasp_jax.evaluate import linear_probe
+from aasp_jax.evaluate import embeddings, linear_probe
 from aasp_jax.evaluate import pretrained as pretrained_lib
 
 _logger = logging.getLogger(__name__)
@@ -107,14 +107,6 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
   with np.errstate(invalid='ignore', divide='ignore'):
     return np.sum(a * b, axis=1) / norms
-
-
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-  """Pads the leading axis to `rows` by repeating the last row (a valid input; dropped after)."""
-  missing = rows - array.shape[0]
-  if missing <= 0:
-    return array
-  return np.concatenate([array, np.repeat(array[-1:], missing, axis=0)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,13 +203,9 @@ def _measure_entries(model, entries, shifts, batch_size, pooling, segment):
   params = jax.device_put(nn.meta.unbox(model.params), device)
   cosines, indices, alphas, omegas, first_window = [], [], [], [], None
   skipped = np.zeros(len(clips.SKIP_REASONS), np.int64)
-  for batch in dataset:
-    skipped += batch['skipped']
-    if 'index' not in batch:  # the host-only tail batch: skip counts only
-      continue
-    rows = batch['index'].shape[0]
-    waveform = jax.device_put(_pad_rows(batch['waveform'], batch_size), device)
-    num_samples = jax.device_put(_pad_rows(batch['num_samples'], batch_size), device)
+  for rows, batch, waveform, num_samples in embeddings.padded_device_batches(
+    dataset, batch_size, device, skipped
+  ):
     segment_btf = segment_features(waveform, num_samples, preset)
     x0_btf = _window(segment_btf, jnp.int32(0), length)
     reference, alpha, omega = embed_features(params, x0_btf, encoder=model.encoder, pooling=pooling)
@@ -402,9 +390,9 @@ def embed_waveforms(
     rows = waves[start : start + batch_size]
     lengths = np.full(len(rows), waves.shape[1], np.int32)
     features = fbank_device.features(
-      jax.device_put(_pad_rows(rows, batch_size), device),
+      jax.device_put(embeddings.pad_rows(rows, batch_size), device),
       model.preset,
-      jax.device_put(_pad_rows(lengths, batch_size), device),
+      jax.device_put(embeddings.pad_rows(lengths, batch_size), device),
     )
     emb, _, _ = embed_features(params, features, encoder=model.encoder, pooling=pooling)
     out.append(np.asarray(emb)[: len(rows)])

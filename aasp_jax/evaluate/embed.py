@@ -342,8 +342,8 @@ class Embedder:
       rows = slice(first, first + self.batch_size)
       out = window_outputs(
         self._params,
-        _pad_rows(chunks[rows], self.batch_size),
-        _pad_rows(valid[rows], self.batch_size),
+        embeddings.pad_rows(chunks[rows], self.batch_size),
+        embeddings.pad_rows(valid[rows], self.batch_size),
         encoder=self.model.encoder,
         preset=self.preset,
         patch_t=self.patch_t,
@@ -521,12 +521,6 @@ class Embedder:
       skipped=skipped.as_dict(),
       skipped_clips=tuple(skipped_clips),
     )
-
-
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-  """Pads the leading axis to `rows` with copies of the last row (a valid window)."""
-  missing = rows - array.shape[0]
-  return np.concatenate([array, np.repeat(array[-1:], missing, axis=0)]) if missing else array
 
 
 def pad_timestamps(

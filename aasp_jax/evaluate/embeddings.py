@@ -96,12 +96,29 @@ def pipeline_options(
   )
 
 
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-  """Pads the leading axis to `rows` by repeating the last row (always a valid input)."""
+def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+  """Pads the leading axis to `rows` by repeating the last row: always a valid input, so one
+  compiled program serves a short last batch; callers drop the padding rows' outputs."""
   missing = rows - array.shape[0]
-  if missing == 0:
+  if missing <= 0:
     return array
   return np.concatenate([array, np.repeat(array[-1:], missing, axis=0)])
+
+
+def padded_device_batches(dataset, batch_size: int, device, skipped: np.ndarray):
+  """Yields (rows, batch, waveform, num_samples) for each pipeline batch that holds clips: the
+  waveforms and lengths padded to `batch_size` rows and put on `device`; `rows` real ones lead.
+
+  Every batch's skip counts, the host-only tail batch's included, are added into `skipped`
+  ([len(clips.SKIP_REASONS)]), so the caller can account for every entry.
+  """
+  for batch in dataset:
+    skipped += batch['skipped']
+    if 'index' not in batch:  # the host-only tail batch: skip counts only
+      continue
+    waveform = jax.device_put(pad_rows(batch['waveform'], batch_size), device)
+    num_samples = jax.device_put(pad_rows(batch['num_samples'], batch_size), device)
+    yield batch['index'].shape[0], batch, waveform, num_samples
 
 
 def _log_skipped(entries: Sequence[manifest.Entry], indices: np.ndarray, skipped: dict) -> None:
@@ -153,13 +170,9 @@ def clip_embeddings(
   params = jax.device_put(nn.meta.unbox(encoder_params), device)
   chunks, index_chunks = [], []
   skipped_total = np.zeros(len(clips.SKIP_REASONS), np.int64)
-  for batch in dataset:
-    skipped_total += batch['skipped']
-    if 'index' not in batch:  # the host-only tail batch: skip counts only
-      continue
-    rows = batch['index'].shape[0]
-    waveform = jax.device_put(_pad_rows(batch['waveform'], batch_size), device)
-    num_samples = jax.device_put(_pad_rows(batch['num_samples'], batch_size), device)
+  for rows, batch, waveform, num_samples in padded_device_batches(
+    dataset, batch_size, device, skipped_total
+  ):
     out = embed_waveforms(params, waveform, num_samples, encoder=encoder, preset=preset)
     chunks.append(np.asarray(out)[:rows])  # padding rows dropped
     index_chunks.append(batch['index'].astype(np.int64))

@@ -566,7 +566,7 @@ class Finetuner:
       if 'waveform' not in batch:
         continue
       rows = batch['waveform'].shape[0]
-      padded = {k: _pad_rows(batch[k], size) for k in ('waveform', 'num_samples')}
+      padded = {k: embeddings.pad_rows(batch[k], size) for k in ('waveform', 'num_samples')}
       out = self._eval_step(params, self._device_batch(padded))
       scores.append(np.asarray(out)[:rows])
       targets.append(batch['labels'])
@@ -656,12 +656,6 @@ class Finetuner:
       params=jax.tree.map(np.asarray, jax.device_get(state.params)),
       seconds=seconds,
     )
-
-
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-  """Pads the leading axis to `rows` by repeating the last row (its scores are dropped)."""
-  missing = rows - array.shape[0]
-  return array if not missing else np.concatenate([array, np.repeat(array[-1:], missing, 0)])
 
 
 def finetune(config: ConfigDict) -> FinetuneResult:
