@@ -50,15 +50,6 @@ def base_report():
   return cfg, aot.compile_for_topology(cfg, TOPOLOGY)
 
 
-@pytest.fixture(scope='module')
-def tiny_report():
-  skip_without_libtpu()
-  cfg = configuration.load_config(
-    TINY, [f'global_batch={GLOBAL_BATCH}', 'model.depth=2', 'objective.top_k_layers=2']
-  )
-  return cfg, aot.compile_for_topology(cfg, TOPOLOGY)
-
-
 def parameter_counts(cfg) -> tuple[int, int]:
   """(all student parameters, encoder parameters) from the abstract state; nothing compiles."""
   objective = objective_lib.AaSPObjective.from_config(cfg)
@@ -92,20 +83,11 @@ def analytic_step_flops_per_clip(cfg, params: int, encoder: int) -> float:
 @pytest.mark.slow
 def test_base_config_fits_v5p_with_the_state_on_every_chip(base_report):
   cfg, r = base_report
-  check_report(cfg, r, check_flops=True)
-  assert r.fits and r.peak_bytes < 0.2 * r.hbm_bytes  # ViT-B at one clip per chip: ~2 GiB of 95
+  check_report(cfg, r)
+  assert r.fits and r.peak_bytes < 0.2 * r.hbm_bytes  # ViT-B at one clip per chip: ~3.4 GiB of 95
 
 
-@pytest.mark.tpu
-@pytest.mark.slow
-def test_tiny_config_compiles_for_v5p_through_the_same_path(tiny_report):
-  cfg, r = tiny_report
-  # The tiny model's FLOPs are dominated by the exact log-mel front end, which the 6 N tokens
-  # estimate leaves out, so only the memory arithmetic is checked here.
-  check_report(cfg, r, check_flops=False)
-
-
-def check_report(cfg, r, check_flops: bool) -> None:
+def check_report(cfg, r) -> None:
   assert (r.topology, r.chip_kind, r.num_chips) == (TOPOLOGY, 'TPU v5', CHIPS)
   assert r.mesh_shape == {'data': CHIPS, 'fsdp': 1, 'tensor': 1}
   assert r.global_batch == GLOBAL_BATCH
@@ -122,11 +104,10 @@ def check_report(cfg, r, check_flops: bool) -> None:
   assert r.hbm_bytes == 95 * aot.GIB
   assert r.fits
 
-  if check_flops:
-    # The step's FLOPs shared over the chips: one clip per chip here.
-    clips_per_chip = GLOBAL_BATCH / CHIPS
-    expected = clips_per_chip * analytic_step_flops_per_clip(cfg, params, encoder)
-    assert 0.5 < r.flops_per_chip / expected < 2.0, (r.flops_per_chip, expected)
+  # The step's FLOPs shared over the chips: one clip per chip here.
+  clips_per_chip = GLOBAL_BATCH / CHIPS
+  expected = clips_per_chip * analytic_step_flops_per_clip(cfg, params, encoder)
+  assert 0.5 < r.flops_per_chip / expected < 2.0, (r.flops_per_chip, expected)
 
   text = aot.format_report(r)
   assert TOPOLOGY in text and 'fits' in text and 'TFLOP per chip' in text
