@@ -186,15 +186,9 @@ class ShiftStability:
 def _measure_entries(model, entries, shifts, batch_size, pooling, segment):
   """Runs one pipeline pass over `entries`; returns per-clip results and the skip counts."""
   preset, length = model.preset, model.preset.target_length
-  options = pipeline.PipelineOptions(
-    preset=preset,
-    batch_size=batch_size,
-    shuffle=False,
-    num_epochs=1,
-    crop='start',
-    drop_remainder=False,
-    clip_samples=segment,
-    min_samples=segment,
+  # The evaluation pipeline (embeddings.pipeline_options), cropped to the shifted segment.
+  options = dataclasses.replace(
+    embeddings.pipeline_options(preset, batch_size, segment), clip_samples=segment
   )
   dataset = pipeline.make_dataset(
     sources.EntrySource(entries), options, process_index=0, process_count=1

@@ -17,8 +17,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from absl import flags
-from ml_collections import config_flags
 
 from aasp_jax import configuration
 from aasp_jax.evaluate import cli_common
@@ -46,24 +44,11 @@ def parse_config(argv: Sequence[str]):
     configuration.ConfigError: for a missing --config, an unknown flag or key, or a bad value.
   """
   _make_configs_importable(argv)
-  # Private flag values: the program can be called repeatedly in one process (tests), next to
-  # other absl programs that define their own --config.
-  flag_values = flags.FlagValues()
-  config_flag = config_flags.DEFINE_config_file(
-    'config',
+  config = cli_common.parse_config_flag(
+    argv,
     None,
     'path/to/configs/finetune/<task>.py[:args]; override fields with --config.key=value.',
-    flag_values=flag_values,
-    lock_config=True,
-    sys_argv=list(argv),  # the override flags are defined from these arguments, not sys.argv
   )
-  try:
-    rest = flag_values(list(argv))
-  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
-    raise configuration.ConfigError(str(e).strip('"')) from None
-  if len(rest) > 1:
-    raise configuration.ConfigError(f'Unexpected arguments: {rest[1:]}')
-  config = config_flag.value
   if config is None:
     raise configuration.ConfigError(
       '--config is required, e.g. --config=configs/finetune/esc50.py:test_fold=1.'

@@ -16,10 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from absl import flags
-from ml_collections import config_flags
 
-from aasp_jax import configuration
 from aasp_jax.evaluate import cli_common
 
 PROG = 'aasp-linear-eval'
@@ -36,25 +33,11 @@ def parse_config(argv: Sequence[str]):
   Raises:
     configuration.ConfigError: for an unknown flag or key, or a bad value.
   """
-  # Private flag values: main() can run repeatedly in one process (tests) beside other programs.
-  flag_values = flags.FlagValues()
-  try:
-    # With a default config file, overrides are applied while the flag is defined, so a misspelt
-    # key can fail here already.
-    config_flag = config_flags.DEFINE_config_file(
-      'config',
-      DEFAULT_CONFIG,
-      'path/to/configs/linear_eval.py[:classifier=adamw]; override with --config.key=value.',
-      flag_values=flag_values,
-      lock_config=True,
-      sys_argv=list(argv),  # the override flags are defined from these arguments, not sys.argv
-    )
-    rest = flag_values(list(argv))
-  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
-    raise configuration.ConfigError(str(e).strip('"')) from None
-  if len(rest) > 1:
-    raise configuration.ConfigError(f'Unexpected arguments: {rest[1:]}')
-  config = config_flag.value
+  config = cli_common.parse_config_flag(
+    argv,
+    DEFAULT_CONFIG,
+    'path/to/configs/linear_eval.py[:classifier=adamw]; override with --config.key=value.',
+  )
   from aasp_jax.evaluate import linear_eval
 
   linear_eval.check_config(config)
