@@ -10,6 +10,8 @@ with M clones each is stored as R = B * M rows, clip-major, so the clones of cli
 b * M .. b * M + M - 1 and row r belongs to clip r // M. `clip_ids(B, M)` builds the matching ids.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -22,6 +24,14 @@ NEG_MASK = -1e9
 # Floor inside the variance metric's square root (data2vec's compute_var uses the same value), so the
 # collapse guard stays differentiable when a channel is constant.
 VAR_EPS = 1e-6
+# Audio-MAE's norm_pix_loss: each target patch is standardised with this floor on its variance.
+PATCH_NORM_EPS = 1e-6
+# objective.loss_scale: 'mean' averages e^2 over channels; 'eat' is data2vec's d2v_loss as EAT uses
+# it (sum over channels of e^2, times loss_scale = 1 / sqrt(D)).
+LOSS_SCALES = ('mean', 'eat')
+# objective.utterance_reduction over the clone rows: 'mean', or EAT's 'sum' (its cls_loss multiplies
+# sample_size, and fairseq divides the summed loss by sample_size again).
+UTTERANCE_REDUCTIONS = ('mean', 'sum')
 
 
 def _num_clips(num_rows: int, num_clones: int) -> int:
@@ -65,10 +75,41 @@ def teacher_targets(layers_lbnd: jax.Array, top_k: int) -> jax.Array:
   return (y_bnd - mean) * jax.lax.rsqrt(var + NORM_EPS)
 
 
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f'{name}={value!r} is not valid; choose one of {choices}.')
+
+
+def token_error(err_nd: jax.Array, loss_scale: str = 'mean') -> jax.Array:
+  """Per-token squared error [...] from errors [..., D] (float32), reduced over channels.
+
+  'mean': mean over channels of e^2 (the AaSP default). 'eat': data2vec 2.0 / EAT's d2v_loss,
+  sum over channels of e^2 scaled by 1 / sqrt(D).
+  """
+  _check_choice('loss_scale', loss_scale, LOSS_SCALES)
+  sq = jnp.square(err_nd.astype(jnp.float32))
+  if loss_scale == 'mean':
+    return sq.mean(axis=-1)
+  return sq.sum(axis=-1) / math.sqrt(err_nd.shape[-1])
+
+
+def _gather_targets(targets_bnd, masked_idx_rk, num_rows, num_clones):
+  """Targets at each clone row's masked positions, [B, M, K, D] float32 (gathered per clip)."""
+  num_clips = _num_clips(num_rows, num_clones)
+  idx_bmk = masked_idx_rk.reshape(num_clips, num_clones, masked_idx_rk.shape[-1])
+  # Gather per clip rather than repeating the targets M times: the gathered tensor is the size of
+  # the predictions, never [B * M, N, D].
+  return jax.vmap(lambda t_nd, i_mk: t_nd[i_mk])(targets_bnd.astype(jnp.float32), idx_bmk)
+
+
 def frame_loss(
-  pred_rkd: jax.Array, targets_bnd: jax.Array, masked_idx_rk: jax.Array, num_clones: int
+  pred_rkd: jax.Array,
+  targets_bnd: jax.Array,
+  masked_idx_rk: jax.Array,
+  num_clones: int,
+  loss_scale: str = 'mean',
 ) -> jax.Array:
-  """MSE between predictions and teacher targets at each clone's masked positions.
+  """Squared error between predictions and teacher targets at each clone's masked positions.
 
   Args:
     pred_rkd: predictions [R = B * M, K, D] for the K masked positions of each clone row (clip-major
@@ -76,28 +117,98 @@ def frame_loss(
     targets_bnd: teacher targets [B, N, D], one per clip.
     masked_idx_rk: int token indices [R, K] in [0, N); the predictions' order.
     num_clones: M, static.
+    loss_scale: 'mean' or 'eat' (see `token_error`), static.
 
   Returns:
-    A float32 scalar: the squared error averaged over clones, positions and channels.
+    A float32 scalar: the per-token error (`token_error`) averaged over clones and masked positions;
+    for 'mean' that is the squared error averaged over clones, positions and channels.
   """
+  _check_choice('loss_scale', loss_scale, LOSS_SCALES)
   num_rows, num_masked, dim = pred_rkd.shape
-  num_clips = _num_clips(num_rows, num_clones)
-  pred_bmkd = pred_rkd.astype(jnp.float32).reshape(num_clips, num_clones, num_masked, dim)
-  idx_bmk = masked_idx_rk.reshape(num_clips, num_clones, num_masked)
-  # Gather per clip rather than repeating the targets M times: the gathered tensor is the size of
-  # the predictions, never [B * M, N, D].
-  tgt_bmkd = jax.vmap(lambda t_nd, i_mk: t_nd[i_mk])(targets_bnd.astype(jnp.float32), idx_bmk)
-  return jnp.mean(jnp.square(pred_bmkd - tgt_bmkd))
+  tgt_bmkd = _gather_targets(targets_bnd, masked_idx_rk, num_rows, num_clones)
+  pred_bmkd = pred_rkd.astype(jnp.float32).reshape(tgt_bmkd.shape[:2] + (num_masked, dim))
+  if loss_scale == 'mean':
+    return jnp.mean(jnp.square(pred_bmkd - tgt_bmkd))
+  return jnp.mean(token_error(pred_bmkd - tgt_bmkd, loss_scale))
 
 
-def utterance_loss(cls_rd: jax.Array, targets_bnd: jax.Array, num_clones: int) -> jax.Array:
-  """EAT's utterance-level loss: MSE between each clone's CLS output [R = B * M, D] and its clip's
-  target averaged over tokens [B, D]; averaged over clones and channels. Float32 scalar."""
+def utterance_loss(
+  cls_rd: jax.Array,
+  targets_bnd: jax.Array,
+  num_clones: int,
+  loss_scale: str = 'mean',
+  reduction: str = 'mean',
+) -> jax.Array:
+  """EAT's utterance-level loss between each clone's CLS output [R = B * M, D] and its clip's target
+  averaged over tokens [B, D]. Float32 scalar.
+
+  Each row's error is `token_error(cls - mean target, loss_scale)`; `reduction` 'mean' averages the
+  rows (the default: with 'mean' scale, the MSE over clones and channels), 'sum' adds them, as EAT's
+  CLS term does after fairseq's division by sample_size. On a sharded global batch the sum runs over
+  the global rows.
+  """
+  _check_choice('loss_scale', loss_scale, LOSS_SCALES)
+  _check_choice('utterance_reduction', reduction, UTTERANCE_REDUCTIONS)
   num_rows, dim = cls_rd.shape
   num_clips = _num_clips(num_rows, num_clones)
   cls_bmd = cls_rd.astype(jnp.float32).reshape(num_clips, num_clones, dim)
   mean_bd = targets_bnd.astype(jnp.float32).mean(axis=1)
-  return jnp.mean(jnp.square(cls_bmd - mean_bd[:, None, :]))
+  err_bmd = cls_bmd - mean_bd[:, None, :]
+  if loss_scale == 'mean' and reduction == 'mean':
+    return jnp.mean(jnp.square(err_bmd))
+  row_bm = token_error(err_bmd, loss_scale)
+  return row_bm.sum() if reduction == 'sum' else row_bm.mean()
+
+
+def patchify(x_btf: jax.Array, patch_t: int, patch_f: int) -> jax.Array:
+  """Log-mel [B, T, F] -> patches [B, N, patch_t * patch_f] float32, in the encoder's token order.
+
+  Token n = t * (F // patch_f) + f (time-major, as the conv stem's [B, T', F', D] grid flattens);
+  the pixels of a patch are laid out row-major over (frame, mel bin).
+  """
+  batch, num_t, num_f = x_btf.shape
+  if num_t % patch_t or num_f % patch_f:
+    raise ValueError(
+      f'input [T={num_t}, F={num_f}] does not tile into [{patch_t}, {patch_f}] patches.'
+    )
+  n_t, n_f = num_t // patch_t, num_f // patch_f
+  x = x_btf.astype(jnp.float32).reshape(batch, n_t, patch_t, n_f, patch_f)
+  return x.transpose(0, 1, 3, 2, 4).reshape(batch, n_t * n_f, patch_t * patch_f)
+
+
+def mae_targets(
+  x_btf: jax.Array, patch_t: int, patch_f: int, norm_patches: bool = True
+) -> jax.Array:
+  """Audio-MAE reconstruction targets [B, N, patch_t * patch_f] float32: the patchified log-mel.
+
+  With `norm_patches` (Audio-MAE's norm_pix_loss) each patch is standardised by its own mean and
+  variance, (x - mean) / sqrt(var + 1e-6), with the unbiased variance as torch's `var` computes it.
+  """
+  patches_bnp = patchify(x_btf, patch_t, patch_f)
+  if not norm_patches:
+    return patches_bnp
+  mean = patches_bnp.mean(axis=-1, keepdims=True)
+  var = jnp.square(patches_bnp - mean).sum(axis=-1, keepdims=True) / (patches_bnp.shape[-1] - 1)
+  return (patches_bnp - mean) * jax.lax.rsqrt(var + PATCH_NORM_EPS)
+
+
+def mae_loss(
+  pred_rkp: jax.Array, targets_bnp: jax.Array, masked_idx_rk: jax.Array, num_clones: int
+) -> jax.Array:
+  """Audio-MAE's loss: per masked patch the mean over pixels of the squared error, averaged over the
+  masked patches of every clone row. Float32 scalar.
+
+  Args:
+    pred_rkp: reconstructions [R = B * M, K, P] of each clone row's K masked patches (clip-major).
+    targets_bnp: `mae_targets` [B, N, P], one per clip.
+    masked_idx_rk: int token indices [R, K]; the predictions' order.
+    num_clones: M, static.
+  """
+  num_rows, num_masked, num_pixels = pred_rkp.shape
+  tgt_bmkp = _gather_targets(targets_bnp, masked_idx_rk, num_rows, num_clones)
+  pred_bmkp = pred_rkp.astype(jnp.float32).reshape(tgt_bmkp.shape[:2] + (num_masked, num_pixels))
+  # Every row has the same K masked patches, so the masked-patch mean is a plain mean.
+  return jnp.mean(jnp.square(pred_bmkp - tgt_bmkp).mean(axis=-1))
 
 
 def multi_positive_infonce(z_rd: jax.Array, clip_ids_r: jax.Array, temperature: float) -> jax.Array:

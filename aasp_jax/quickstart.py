@@ -1,27 +1,28 @@
-"""The Quick-start main job: pre-train a tiny AaSP encoder on the bundled real recordings, then
-compare its linear-probe accuracy with randomly initialised encoders.
+"""The Quick-start main job: pre-train a tiny encoder on the bundled real recordings, then score it
+with the shared probe protocol against its own initialisation, other random encoders and log-mel
+statistics, on both bundled probe tasks.
 
   python -m aasp_jax.quickstart                 # a few CPU minutes (what `make demo` runs)
   python -m aasp_jax.quickstart --short         # a few steps: checks the whole path (CI runs it)
 
-It runs the same trainer as `aasp-pretrain` (checkpoints, resume, TensorBoard, metrics.jsonl), so
-rerunning the command continues an interrupted run. The probe task is the 10 Sonic Pi categories
-with at least 10 clips, on the fixed split in data/sonicpi (see its README).
+It runs the same trainer as `aasp-pretrain` (checkpoints, resume, TensorBoard, metrics.jsonl, the
+online probe), so rerunning the command continues an interrupted run. The probe tasks and the
+protocol are `aasp_jax/evaluate/protocol.py`'s (3 x 5-fold group k-fold, ridge and kNN); every row
+is printed with its standard error, and the gain over the run's own initialisation is called a
+gain only beyond 3 standard errors of its paired per-fold differences.
 """
 
 import json
 import os
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 from absl import app, flags
 
 from aasp_jax import configuration
-from aasp_jax.evaluate import linear_probe
+from aasp_jax.evaluate import pretrained, protocol
 from aasp_jax.train import loop, metrics_writer
-from aasp_jax.train.objective import AaSPObjective
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,51 +34,87 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Default: runs/quickstart (or _s
 _SHORT = flags.DEFINE_bool(
   'short',
   False,
-  'Train 2 steps and probe one random encoder with 2-fold CV: a fast end-to-end check.',
+  'Train 2 steps and probe only the run and its initialisation: a fast end-to-end check.',
 )
 _RANDOM_SEEDS = flags.DEFINE_integer('random_seeds', 3, 'Random encoders in the baseline.')
 
 SHORT_OVERRIDES = ('total_steps=2', 'logging.log_every_steps=1', 'checkpoint.every_steps=2')
 
 
-def random_encoder_params(objective: AaSPObjective, seeds: list[jax.Array]) -> list:
-  return [nn.meta.unbox(objective.init_params(key)['encoder']) for key in seeds]
+def probe_all(config, teacher_params, short: bool) -> dict:
+  """Every row of the summary, per task: the pre-trained encoder (EMA teacher), its own
+  initialisation, other random encoders and the log-mel statistics, all through the protocol."""
+  feature = protocol.HEADLINE_FEATURE
+  init = pretrained.initial_encoder(config)
+  randoms = [pretrained.random_encoder(config, 1000 + i) for i in range(_RANDOM_SEEDS.value - 1)]
+  out = {}
+  for path in loop.probe_task_paths(config):
+    task = protocol.ProbeTask.from_manifest(path)
+
+    def score(params):
+      return protocol.score_encoder(task, init.encoder, params, init.preset, [feature])[feature]
+
+    mel = protocol.score_features(task, protocol.mel_statistics(init.preset, task.entries))
+    out[task.name] = {
+      'num_clips': len(task.entries),
+      'num_classes': task.num_classes,
+      'num_groups': int(len(np.unique(task.groups))),
+      'pretrained': score(teacher_params),
+      'initialisation': score(init.params),
+      'random': [score(r.params) for r in ([] if short else randoms)],
+      'mel_stats': mel['mel_stats'],
+    }
+  return out
 
 
-def probe(objective: AaSPObjective, params, config) -> dict:
-  # --short checks the path, not the number: one L2 value and 2 folds instead of 5 x 5 fits.
-  short = {'l2_grid': (1e-2,), 'folds': 2} if _SHORT.value else {}
-  return linear_probe.probe_encoder(
-    objective.encoder,
-    params,
-    objective.preset,
-    config.probe.train,
-    config.probe.test,
-    batch_size=config.probe.batch_size,
-    **short,
-  )
+def _row(name: str, scores: dict) -> str:
+  parts = [f'{c} {s.accuracy:.3f} ± {s.se:.3f}' for c, s in scores.items()]
+  return f'  {name:<30}' + '   '.join(parts)
 
 
-def summary_lines(result: dict) -> list[str]:
-  random = result['random_accuracy']
-  return [
+def summary_lines(result: dict, probes: dict) -> list[str]:
+  lines = [
     '',
-    '=' * 72,
+    '=' * 78,
     f'AaSP quick start: {result["steps"]} steps of pre-training in {result["train_seconds"]:.0f} s '
     f'({result["total_seconds"]:.0f} s in all)',
-    f'linear probe, Sonic Pi 10 categories ({result["test_clips"]} test clips, '
-    f'{result["num_classes"]} classes, chance {1 / result["num_classes"]:.3f}):',
-    f'  pre-trained encoder          accuracy {result["pretrained_accuracy"]:.3f}',
-    f'  random encoders (n = {len(random)})     accuracy {np.mean(random):.3f} '
-    f'± {np.std(random):.3f}  ({", ".join(f"{a:.3f}" for a in random)})',
-    f'  clips skipped by the probe: {result["probe_skipped"]}',
+    f'probe protocol (aasp_jax/evaluate/protocol.py): {protocol.REPEATS} x {protocol.FOLDS}-fold '
+    f'group k-fold, feature "{protocol.HEADLINE_FEATURE}", accuracy ± SE over folds',
+  ]
+  for task, p in probes.items():
+    lines.append(
+      f'{task}: {p["num_clips"]} clips, {p["num_classes"]} classes, {p["num_groups"]} sources'
+    )
+    lines.append(_row('pre-trained encoder (EMA)', p['pretrained']))
+    lines.append(_row('its own initialisation', p['initialisation']))
+    if p['random']:
+      for classifier in protocol.CLASSIFIERS:
+        acc = [r[classifier].accuracy for r in p['random']]
+        acc.append(p['initialisation'][classifier].accuracy)
+        se = np.std(acc, ddof=1) / np.sqrt(len(acc))
+        lines.append(
+          f'  {"random encoders (n = " + str(len(acc)) + ")":<30}{classifier} '
+          f'{np.mean(acc):.3f} ± {se:.3f} over seeds ({", ".join(f"{a:.3f}" for a in acc)})'
+        )
+    lines.append(_row('log-mel statistics', {'linear': p['mel_stats']['linear'],
+                                             'knn': p['mel_stats']['knn']}))
+    for classifier in protocol.CLASSIFIERS:
+      gain, se = protocol.fold_gain(p['pretrained'][classifier], p['initialisation'][classifier])
+      lines.append(
+        f'  gain over own init, {classifier:<7}   {gain:+.3f} ± {se:.3f} (paired over folds): '
+        f'{protocol.verdict(gain, se)}'
+      )
+  lines += [
+    'One short run on one seed cannot show a small gain; the several-seed study with its',
+    'budgets, baselines and ablations is benchmarks/learning.py (figures: benchmarks/RESULTS.md).',
     f'TensorBoard:   tensorboard --logdir {result["tensorboard"]}',
-    f'loss curves:   {result["loss_png"]}',
+    f'curves (PNG):  {result["loss_png"]}',
     f'metrics:       {result["metrics_jsonl"]}',
     f'checkpoints:   {result["checkpoints"]}',
     f'this summary:  {result["summary_json"]}',
-    '=' * 72,
+    '=' * 78,
   ]
+  return lines
 
 
 def main(argv) -> None:
@@ -93,25 +130,13 @@ def main(argv) -> None:
   start = time.perf_counter()
   trained = loop.train(config, workdir)
   train_seconds = time.perf_counter() - start
-
-  objective = AaSPObjective.from_config(config)
-  pretrained = probe(objective, jax.device_get(trained.state.params['encoder']), config)
-  # The baseline includes the very initialisation the pre-trained encoder started from.
-  init_key = jax.random.split(jax.random.key(config.seed))[0]
-  num_random = 1 if _SHORT.value else _RANDOM_SEEDS.value
-  keys = [init_key] + [jax.random.key(1000 + i) for i in range(num_random - 1)]
-  random = [probe(objective, p, config)['accuracy'] for p in random_encoder_params(objective, keys)]
+  probes = probe_all(config, jax.device_get(trained.state.teacher), _SHORT.value)
 
   jsonl = os.path.join(workdir, metrics_writer.JSONL_NAME)
   result = {
     'steps': trained.step,
     'train_seconds': train_seconds,
     'total_seconds': time.perf_counter() - start,
-    'pretrained_accuracy': pretrained['accuracy'],
-    'random_accuracy': random,
-    'num_classes': pretrained['num_classes'],
-    'test_clips': pretrained['test_clips'],
-    'probe_skipped': pretrained['skipped'],
     'final_metrics': trained.metrics,
     'tensorboard': os.path.join(workdir, metrics_writer.TENSORBOARD_DIR),
     'loss_png': metrics_writer.plot_loss_curves(jsonl, os.path.join(workdir, 'loss_curves.png')),
@@ -120,8 +145,27 @@ def main(argv) -> None:
     'summary_json': os.path.join(workdir, 'quickstart_result.json'),
   }
   with open(result['summary_json'], 'w') as f:
-    json.dump(result, f, indent=2)
-  print('\n'.join(summary_lines(result)))
+    json.dump(
+      {
+        **result,
+        'probes': {
+          task: {
+            k: (
+              [{c: s.to_json() for c, s in r.items()} for r in v]
+              if k == 'random'
+              else {c: s.to_json() for c, s in v.items()}
+              if isinstance(v, dict)
+              else v
+            )
+            for k, v in p.items()
+          }
+          for task, p in probes.items()
+        },
+      },
+      f,
+      indent=2,
+    )
+  print('\n'.join(summary_lines(result, probes)))
 
 
 if __name__ == '__main__':

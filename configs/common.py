@@ -144,7 +144,45 @@ def objective_config(depth: int) -> ConfigDict:
   o.projection_dim = 128
   o.min_target_std = 0.01  # collapse guard: stop when a std falls below this
   o.min_prediction_std = 0.01
+  # Objective switches; every default is the AaSP recipe (see `apply_recipe` for EAT and MAE).
+  o.kind = 'aasp'  # 'aasp': EMA-teacher targets | 'mae': reconstruct the masked log-mel patches
+  o.mae_norm_patches = True  # kind=mae: normalise each target patch (Audio-MAE's norm_pix_loss)
+  o.loss_scale = 'mean'  # 'mean': mean_D e^2 | 'eat': sum_D e^2 / sqrt(D) per token (d2v_loss)
+  o.utterance_reduction = 'mean'  # over the B*M clone rows: 'mean' | 'sum' (EAT's CLS term)
+  o.target_layers = 'residual'  # teacher layers: 'residual' block outputs | 'ffn' (EAT)
+  o.stem_input = 'full'  # student stem on the whole clip | 'masked': per clone, masked patches = 0
+  o.context_metric = False  # also log frame_loss_shuffled (other clips' context; one more pass)
   return o
+
+
+RECIPES = ('aasp', 'eat', 'mae')
+
+
+def apply_recipe(config: ConfigDict, recipe: str) -> ConfigDict:
+  """Sets the fields that turn the AaSP config into another recipe's; returns `config`.
+
+  'aasp' changes nothing. 'eat' is EAT's objective on our encoder: conv stem, CNN decoder, no
+  contrastive term, d2v loss scaling, summed CLS loss and FFN-output targets. 'mae' is Audio-MAE's
+  masked-patch reconstruction (no teacher) without the contrastive term.
+
+  It overwrites model.stem and model.predictor.kind, which are also `stem=` / `predictor=` variant
+  arguments: pretrain.py applies the recipe after them, so the recipe wins; later command-line
+  overrides (--config.model.stem=aape) still win over the recipe.
+  """
+  if recipe not in RECIPES:
+    raise ValueError(f'Unknown recipe {recipe!r}; choose one of {RECIPES}.')
+  o = config.objective
+  if recipe == 'eat':
+    config.model.stem = 'conv'
+    config.model.predictor.kind = 'cnn'
+    o.contrastive_weight = 0.0
+    o.loss_scale = 'eat'
+    o.utterance_reduction = 'sum'
+    o.target_layers = 'ffn'
+  elif recipe == 'mae':
+    o.kind = 'mae'
+    o.contrastive_weight = 0.0
+  return config
 
 
 def optimizer_config() -> ConfigDict:
@@ -202,13 +240,12 @@ def logging_config() -> ConfigDict:
 
 
 def probe_config() -> ConfigDict:
-  """Online linear probe on a labelled set (off when every_steps == 0).
+  """Online probe (off when every_steps == 0) with the shared protocol (evaluate/protocol.py).
 
-  `train` and `test` are labelled manifests (CSV/JSONL with a `label` column).
+  `tasks` is a comma-separated list of task manifests (CSV/JSONL with `label` and `group`).
   """
   p = ConfigDict()
   p.every_steps = 0
-  p.train = config_dict.placeholder(str)
-  p.test = config_dict.placeholder(str)
+  p.tasks = config_dict.placeholder(str)
   p.batch_size = 16
   return p

@@ -1,6 +1,8 @@
 """Linear evaluation of a frozen pre-trained encoder: the protocol, in one locked config.
 
   aasp-linear-eval --config=configs/linear_eval.py --config.checkpoint=runs/quickstart \
+      --config.task=data/sonicpi/task.csv          # the shared protocol (recommended)
+  aasp-linear-eval --config=configs/linear_eval.py --config.checkpoint=runs/quickstart \
       --config.train=data/sonicpi/probe_train.csv --config.test=data/sonicpi/probe_test.csv
 
   aasp-linear-eval --config=configs/linear_eval.py:classifier=adamw \
@@ -25,7 +27,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.step = config_dict.placeholder(int)  # default: the newest complete checkpoint
   config.which = 'teacher'  # or 'student'
 
-  # The labelled clips: a train and a test manifest (CSV / JSON Lines, one label per clip) ...
+  # The shared probe protocol (aasp_jax/evaluate/protocol.py: repeated group k-fold, ridge and
+  # kNN, every feature): a task manifest with label and group columns ...
+  config.task = config_dict.placeholder(str)
+  # ... or a fixed split: a train and a test manifest (CSV / JSON Lines, one label per clip) ...
   config.train = config_dict.placeholder(str)
   config.test = config_dict.placeholder(str)
   # ... or a named dataset read by aasp_jax.evaluate.datasets (ESC-50 / US8K need test_fold).

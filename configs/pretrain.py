@@ -7,7 +7,8 @@ Inspect it (resolved config plus the abstract parameter count of its models):
   python -m aasp_jax.configuration configs/pretrain.py:variant=B/16,stem=aape
 
 Arguments (after ':'): variant=tiny|S|B|L[/patch], stem=aape|conv, predictor=cross_attention|cnn,
-target_length=<frames, a multiple of the patch>.
+target_length=<frames, a multiple of the patch>, recipe=aasp|eat|mae (`common.apply_recipe`, applied
+after stem and predictor, so recipe=eat sets the conv stem and CNN decoder whatever they say).
 """
 
 from configs import common
@@ -15,7 +16,12 @@ from configs import common
 
 def get_config(arg: str | None = None):
   args = common.parse_arg(
-    arg, variant='B/16', stem='aape', predictor='cross_attention', target_length=1024
+    arg,
+    variant='B/16',
+    stem='aape',
+    predictor='cross_attention',
+    target_length=1024,
+    recipe='aasp',
   )
   config = common.ConfigDict()
   config.seed = 0
@@ -33,4 +39,4 @@ def get_config(arg: str | None = None):
   config.checkpoint = common.checkpoint_config()
   config.logging = common.logging_config()
   config.probe = common.probe_config()
-  return config
+  return common.apply_recipe(config, args.recipe)

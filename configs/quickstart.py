@@ -1,11 +1,13 @@
-"""The Quick-start main job: a tiny AaSP encoder pre-trained for a few CPU minutes on the bundled
-CC0 Sonic Pi recordings (data/sonicpi), then probed against a randomly initialised encoder.
+"""The Quick-start main job: a tiny AaSP encoder pre-trained for a few CPU minutes (600 steps) on
+the bundled CC0 Sonic Pi recordings (data/sonicpi), then scored with the shared probe protocol on
+both bundled tasks against random encoders and log-mel statistics (aasp_jax/quickstart.py).
 
   python -m aasp_jax.quickstart                     # what `make demo` runs
   aasp-pretrain --config=configs/quickstart.py --workdir=runs/quickstart   # the training part alone
 
 Same objective, optimizer and code path as configs/pretrain.py; only sizes and the schedule are
-small. The online probe is off here because the main job probes once at the end.
+small. `benchmarks/learning.py` runs this config (600 steps) with its variants and seeds; the
+online probe here draws the probe curve of the run's PNG.
 """
 
 import os
@@ -27,9 +29,9 @@ def get_config(arg: str | None = None):
   # The EMA must move within a few hundred steps for the teacher's targets to improve.
   config.optimizer.ema_start = 0.99
   config.optimizer.ema_end = 0.999
-  config.optimizer.ema_anneal_steps = 300
+  config.optimizer.ema_anneal_steps = 600
   config.global_batch = 16
-  config.total_steps = 300
+  config.total_steps = 600
   config.mesh.data = -1
   config.data.train = os.path.join(SONICPI, 'labels.csv')
   config.data.read_threads = 2
@@ -38,6 +40,10 @@ def get_config(arg: str | None = None):
   config.data.min_samples = 400
   config.checkpoint.every_steps = 100
   config.logging.log_every_steps = 10
-  config.probe.train = os.path.join(SONICPI, 'probe_train.csv')
-  config.probe.test = os.path.join(SONICPI, 'probe_test.csv')
+  # The shared probe protocol on both bundled tasks, online every 200 steps (the PNG draws it)
+  # and at the end against random encoders and log-mel statistics (aasp_jax/quickstart.py).
+  config.probe.tasks = ','.join(
+    os.path.join(REPO, 'data', name, 'task.csv') for name in ('sonicpi', 'gm_instruments')
+  )
+  config.probe.every_steps = 200
   return config

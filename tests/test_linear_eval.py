@@ -222,3 +222,42 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tiny_checkpoints, audio_manifest, t
   missing = str(tmp_path / 'missing.csv')
   assert linear_eval_cli.main([*argv[:3], f'--config.train={missing}', argv[4]]) == 1
   assert 'missing.csv' in capsys.readouterr().err
+
+
+def test_lbfgs_summary_claims_no_uncertainty_from_seeds():
+  result = {
+    'classifier': 'lbfgs', 'splits': 'a / b', 'num_classes': 2, 'train_clips': 4,
+    'test_clips': 4, 'skipped': 0, 'seeds': [0, 1, 2],
+    'per_seed': [{'seed': s, 'accuracy': 0.75, 'l2': 0.1} for s in (0, 1, 2)],
+  }
+  text = linear_eval_cli.summary(result)
+  assert '0.7500' in text and '±' not in text and 'no uncertainty' in text
+
+
+@pytest.mark.slow
+def test_cli_task_mode_runs_the_shared_protocol(tiny_checkpoints, tmp_path, capsys):
+  from aasp_jax.evaluate import pretrained, protocol
+
+  task_csv = os.path.join(REPO_ROOT, 'data', 'sonicpi', 'task.csv')
+  output = tmp_path / 'task.json'
+  argv = [
+    'aasp-linear-eval',
+    f'--config={CONFIG}',
+    f'--config.checkpoint={tiny_checkpoints["conv"]}',
+    f'--config.task={task_csv}',
+    f'--config.output={output}',
+  ]
+  assert linear_eval_cli.main(argv) == 0
+  result = json.loads(output.read_text())['result']
+  assert result['task'] == 'sonicpi' and result['num_classes'] == 10
+  # The same numbers as the protocol run directly on the same encoder (what the benchmark, the
+  # main job and the online probe call).
+  model = pretrained.load_pretrained(tiny_checkpoints['conv'])
+  task = protocol.ProbeTask.from_manifest(task_csv)
+  direct = protocol.score_encoder(task, model.encoder, model.params, model.preset, ['mean'])
+  assert result['scores']['mean']['linear']['accuracy'] == direct['mean']['linear'].accuracy
+  assert result['scores']['mean']['knn']['accuracy'] == direct['mean']['knn'].accuracy
+  assert '(headline)' in capsys.readouterr().out
+  # task and a fixed split are exclusive: a config error (exit 2) naming the keys.
+  assert linear_eval_cli.main([*argv, '--config.train=x.csv', '--config.test=y.csv']) == 2
+  assert 'task' in capsys.readouterr().err

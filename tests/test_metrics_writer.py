@@ -66,3 +66,25 @@ def test_loss_curve_png(tmp_path):
   image = matplotlib.image.imread(png)
   assert image.shape[0] >= 300 and image.shape[1] >= 800
   assert image.std() > 0.01  # something was drawn
+
+
+def test_curve_png_adds_effective_rank_and_online_probe_panels(tmp_path):
+  import matplotlib.image
+
+  path = tmp_path / 'metrics.jsonl'
+  with open(path, 'w') as f:
+    for step in range(1, 11):
+      entry = {'step': step, 'loss': 3.0 / step, 'learning_rate': 1e-3, 'effective_rank': step}
+      f.write(json.dumps(entry) + '\n')
+      if step % 5 == 0:
+        f.write(json.dumps({'step': step, 'probe/sonicpi/linear': 0.3 + step / 100}) + '\n')
+  without = tmp_path / 'no_probe.jsonl'
+  without.write_text(''.join(line for line in open(path) if 'probe/' not in line))
+  wide = matplotlib.image.imread(metrics_writer.plot_loss_curves(str(path), str(tmp_path / 'a.png')))
+  narrow = matplotlib.image.imread(
+    metrics_writer.plot_loss_curves(str(without), str(tmp_path / 'b.png'))
+  )
+  assert wide.shape[1] > narrow.shape[1]  # a fourth panel for the probe
+  # The rank panel (third of three) holds a drawn curve: its region is not blank.
+  third = narrow[:, 2 * narrow.shape[1] // 3 :]
+  assert third.std() > 0.01

@@ -24,8 +24,7 @@ FLAGS = (
   '--config.checkpoint.every_steps=2',
   # The online probe gathers the sharded encoder from both processes (a collective) at step 2.
   '--config.probe.every_steps=2',
-  f'--config.probe.train={SONICPI}/probe_train.csv',
-  f'--config.probe.test={SONICPI}/probe_test.csv',
+  f'--config.probe.tasks={SONICPI}/task.csv',
 )
 
 
@@ -49,7 +48,8 @@ def test_two_processes_match_one_process_with_all_devices(tmp_path):
   one_m = runner.training_metrics(runner.metrics(tmp_path / 'single'))
   two_m = runner.training_metrics(runner.metrics(tmp_path / 'two'))
   assert [e['step'] for e in two_m] == [1, 2, 2]  # the probe's entry comes last
-  assert 'probe/accuracy' in two_m[-1]
+  assert {'probe/sonicpi/linear', 'probe/sonicpi/knn'} <= set(two_m[-1])
+  assert two_m[-1]['probe/sonicpi/linear'] == one_m[-1]['probe/sonicpi/linear']
   for a, b in zip(one_m, two_m):
     assert a.keys() == b.keys()
     for key in a:

@@ -6,7 +6,9 @@ the manifest's name and line number, because a typo that silently drops labels o
 whole training run.
 
 CSV (`.csv`, or `.tsv` with tabs) needs a header row with a `path` column; optional columns are
-`label` or `labels` (several labels separated by ';'), `start`, `end` (seconds) and `id`:
+`label` or `labels` (several labels separated by ';'), `start`, `end` (seconds), `id` and `group`
+(the source a clip comes from: a kit, speaker, recording or file family; evaluation splits keep
+each group on one side, so a probe cannot match near duplicates):
 
     path,labels,start,end
     speech/a.flac,en;female,,
@@ -44,7 +46,7 @@ AUDIO_EXTENSIONS = frozenset(
 
 CSV_EXTENSIONS = {'.csv': ',', '.tsv': '\t'}
 JSONL_EXTENSIONS = ('.jsonl', '.ndjson', '.json')
-COLUMNS = ('path', 'label', 'labels', 'start', 'end', 'id')
+COLUMNS = ('path', 'label', 'labels', 'start', 'end', 'id', 'group')
 LABEL_SEPARATOR = ';'
 
 
@@ -59,6 +61,8 @@ class Entry:
     end: window end in seconds, exclusive (None: the end of the file).
     clip_id: unique id; by default the path relative to the folder / manifest folder, plus
       '@start-end' for a window.
+    group: the clip's source (kit, speaker, recording, file family) or None; clips of one group
+      stay on the same side of every evaluation split.
   """
 
   path: str
@@ -66,6 +70,7 @@ class Entry:
   start: float | None = None
   end: float | None = None
   clip_id: str = ''
+  group: str | None = None
 
 
 def scan_folder(
@@ -230,7 +235,13 @@ def _entry(fields: dict[str, Any], root: str, where: str) -> Entry:
       clip_id += f'@{_format_seconds(start or 0.0)}-{"" if end is None else _format_seconds(end)}'
   elif not isinstance(clip_id, str):
     raise ValueError(f'{where}: "id" must be a string, got {clip_id!r}')
-  return Entry(path=full, labels=labels, start=start, end=end, clip_id=clip_id.strip())
+  group = fields.get('group')
+  if group is not None and not isinstance(group, str):
+    raise ValueError(f'{where}: "group" must be a string, got {group!r}')
+  group = group.strip() if group and group.strip() else None
+  return Entry(
+    path=full, labels=labels, start=start, end=end, clip_id=clip_id.strip(), group=group
+  )
 
 
 def _labels(value: Any, where: str) -> tuple[str, ...]:

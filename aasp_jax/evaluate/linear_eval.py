@@ -60,12 +60,21 @@ def check_config(config: ConfigDict) -> None:
   if config.which not in pretrained.WHICH:
     fail(f'which={config.which!r}: choose one of {pretrained.WHICH}.')
   manifests = bool(config.train) or bool(config.test)
-  if manifests and config.dataset.name:
+  if config.task:
+    if manifests or config.dataset.name:
+      fail('task runs the shared probe protocol on its own splits: leave train, test and '
+           'dataset.name unset.')
+    if not os.path.isfile(config.task):
+      fail(f'task={config.task!r} does not exist (a manifest with label and group columns).')
+  elif manifests and config.dataset.name:
     fail('Give either train/test manifests or dataset.name, not both.')
   if manifests and not (config.train and config.test):
     fail('train and test must both be set (labelled manifests, one label per clip).')
-  if not manifests and not config.dataset.name:
-    fail('No labelled clips: set train and test (manifests) or dataset.name and dataset.root.')
+  if not config.task and not manifests and not config.dataset.name:
+    fail(
+      'No labelled clips: set task (the shared protocol), train and test (manifests) or '
+      'dataset.name and dataset.root.'
+    )
   if config.dataset.name and not config.dataset.root:
     fail(f'dataset.root is required with dataset.name={config.dataset.name!r}.')
   if config.classifier not in CLASSIFIERS:
@@ -407,9 +416,11 @@ def linear_eval(config: ConfigDict, model: pretrained.Pretrained | None = None) 
     ({'train': 'hit' | 'miss' | 'off', 'test': ...}), and what was evaluated.
   """
   check_config(config)
-  splits = read_splits(config)
   if model is None:
     model = pretrained.load_pretrained(config.checkpoint, config.which, config.step)
+  if config.task:
+    return task_eval(config, model)
+  splits = read_splits(config)
   cache_dir = (config.cache_dir or default_cache_dir(model)) if config.cache else None
   embed = functools.partial(
     cached_clip_embeddings,
@@ -444,6 +455,8 @@ def linear_eval(config: ConfigDict, model: pretrained.Pretrained | None = None) 
     per_seed = [classify(config, s, *data) for s in seeds]
   accuracies = [r['accuracy'] for r in per_seed]
   mean, std = mean_and_std(accuracies)
+  if config.classifier == 'lbfgs':
+    std = float('nan')  # one deterministic fit: the seeds measure no uncertainty
   return {
     'checkpoint': model.source,
     'step': model.step,
@@ -463,4 +476,33 @@ def linear_eval(config: ConfigDict, model: pretrained.Pretrained | None = None) 
     'test_skipped': test.skipped,
     'skipped': train.num_skipped + test.num_skipped,
     'cache': {'train': train_cache, 'test': test_cache, 'dir': cache_dir},
+  }
+
+
+def task_eval(config: ConfigDict, model: pretrained.Pretrained) -> dict:
+  """The shared probe protocol (`protocol`) on `config.task`: every feature, linear and kNN, each
+  accuracy with its standard error over the repeated group k-fold splits."""
+  from aasp_jax.evaluate import protocol
+
+  task = protocol.ProbeTask.from_manifest(config.task)
+  features = protocol.encoder_features(
+    model.encoder, model.params, model.preset, task.entries, config.batch_size
+  )
+  scores = protocol.score_features(task, features)
+  return {
+    'checkpoint': model.source,
+    'step': model.step,
+    'which': model.which,
+    'task': task.name,
+    'protocol': {
+      'folds': protocol.FOLDS,
+      'repeats': protocol.REPEATS,
+      'headline_feature': protocol.HEADLINE_FEATURE,
+    },
+    'num_classes': task.num_classes,
+    'class_names': list(task.classes),
+    'clips': len(features.indices),
+    'groups': int(len(np.unique(task.groups))),
+    'skipped': features.skipped,
+    'scores': {f: {c: s.to_json() for c, s in per.items()} for f, per in scores.items()},
   }

@@ -1,5 +1,6 @@
 """`aasp-linear-eval`: linear evaluation of a frozen pre-trained encoder (configs/linear_eval.py).
 
+  aasp-linear-eval --config.checkpoint=runs/quickstart --config.task=data/sonicpi/task.csv
   aasp-linear-eval --config.checkpoint=runs/quickstart \
       --config.train=data/sonicpi/probe_train.csv --config.test=data/sonicpi/probe_test.csv
   aasp-linear-eval --config=configs/linear_eval.py:classifier=adamw --config.checkpoint=... \
@@ -48,10 +49,34 @@ def output_path(config, result: dict) -> str:
   if config.output:
     return config.output
   workdir = os.path.dirname(os.path.dirname(result['checkpoint']))
-  return os.path.join(workdir, f'linear_eval_{result["which"]}_{result["step"]}.json')
+  task = f'_{result["task"]}' if 'task' in result else ''
+  return os.path.join(workdir, f'linear_eval_{result["which"]}_{result["step"]}{task}.json')
 
 
 def summary(result: dict) -> str:
+  if 'task' in result:
+    head = result['protocol']['headline_feature']
+    lines = [
+      f'{PROG}: task {result["task"]} ({result["num_classes"]} classes, {result["clips"]} clips, '
+      f'{result["groups"]} sources; {sum(result["skipped"].values())} skipped), '
+      f'{result["protocol"]["repeats"]} x {result["protocol"]["folds"]}-fold group k-fold'
+    ]
+    for feature, per in result['scores'].items():
+      mark = ' (headline)' if feature == head else ''
+      lines.append(
+        f'{PROG}: {feature:<8} ' + '  '.join(
+          f'{c} {s["accuracy"]:.4f} ± {s["se"]:.4f}' for c, s in per.items()
+        ) + mark
+      )
+    return '\n'.join(lines)
+  if result['classifier'] == 'lbfgs':
+    r = result['per_seed'][0]
+    return (
+      f'{PROG}: lbfgs on {result["splits"]} ({result["num_classes"]} classes, '
+      f'{result["train_clips"]} train / {result["test_clips"]} test clips, {result["skipped"]} '
+      f'skipped)\n{PROG}: accuracy {r["accuracy"]:.4f} (l2 {r["l2"]:g}; one deterministic fit on '
+      'one split, so no uncertainty: use --config.task for the repeated group k-fold protocol)'
+    )
   per_seed = ', '.join(
     f'seed {r["seed"]}: {r["accuracy"]:.4f} (l2 {r["l2"]:g})' for r in result['per_seed']
   )

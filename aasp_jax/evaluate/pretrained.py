@@ -195,3 +195,28 @@ def random_encoder(config: ConfigDict, seed: int = 0) -> Pretrained:
     source=f'random(seed={seed})',
     which='random',
   )
+
+
+def initial_encoder(config: ConfigDict) -> Pretrained:
+  """The encoder a training run with `config` starts from (step 0 of `aasp-pretrain`): the same
+  init key as the trainer (`jax.random.split(jax.random.key(config.seed))[0]` through the
+  objective's `init_params`), so a pre-trained encoder can be paired with its own initialisation.
+  """
+  from aasp_jax.train.objective import AaSPObjective  # the trainer's init; a late import
+
+  init_rng = jax.random.split(jax.random.key(config.seed))[0]
+  params = nn.meta.unbox(AaSPObjective.from_config(config).init_params(init_rng)['encoder'])
+  if config.model.get('scan_layers', False):
+    params = vit.unstack_blocks(params, config.model.depth)
+    config = ConfigDict(config.to_dict())
+    config.model.scan_layers = False
+    config.lock()
+  return Pretrained(
+    config=config,
+    encoder=build.build_encoder(config.model, drop_path=0.0),
+    params=jax.tree.map(np.asarray, params),
+    preset=configuration.frontend_preset(config),
+    step=0,
+    source=f'initialisation(seed={config.seed})',
+    which='initialisation',
+  )

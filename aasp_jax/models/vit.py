@@ -15,6 +15,9 @@ from aasp_jax.models import posemb
 from aasp_jax.models.attention import Attention, Mlp, layer_norm
 
 Dtype = Any
+# What `return_layers` reports per block: 'residual', the block's output (the residual stream), or
+# 'ffn', its MLP branch before the residual add (EAT's targets, `end_of_block_targets: false`).
+LAYER_SOURCES = ('residual', 'ffn')
 
 
 class EncoderBlock(nn.Module):
@@ -37,8 +40,14 @@ class EncoderBlock(nn.Module):
     return jnp.where(mask, y / keep, jnp.zeros_like(y))
 
   @nn.compact
-  def __call__(self, x_bnd, attn_mask=None, deterministic: bool = True, drop_rate=None):
-    """drop_rate: this layer's stochastic-depth rate when it is traced (scanned layers)."""
+  def __call__(
+    self, x_bnd, attn_mask=None, deterministic: bool = True, drop_rate=None, return_ffn=False
+  ):
+    """drop_rate: this layer's stochastic-depth rate when it is traced (scanned layers).
+
+    return_ffn (static): return (block output, MLP-branch output before the residual add and the
+    stochastic depth) instead of the block output alone.
+    """
     rate = self.drop_path if drop_rate is None else drop_rate
     y = layer_norm('norm1', self.dtype, self.param_dtype)(x_bnd)
     y = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name='attn')(
@@ -48,19 +57,21 @@ class EncoderBlock(nn.Module):
     y = layer_norm('norm2', self.dtype, self.param_dtype)(x_bnd)
     y = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name='mlp')(y)
     x_bnd = x_bnd + self._drop_path(y, deterministic, rate)
-    return nn.with_logical_constraint(x_bnd, ('batch', 'tokens', 'embed'))
+    x_bnd = nn.with_logical_constraint(x_bnd, ('batch', 'tokens', 'embed'))
+    return (x_bnd, y) if return_ffn else x_bnd
 
 
 class ScannedEncoderBlock(EncoderBlock):
   """One step of `nn.scan` over the blocks: (carry, per-layer input) -> (carry, layer output).
 
-  The mask and `deterministic` are broadcast (the same for every layer; the bool stays static);
-  the per-layer input is the layer's stochastic-depth rate.
+  The mask, `deterministic` and `return_ffn` are broadcast (the same for every layer; the bools stay
+  static); the per-layer input is the layer's stochastic-depth rate. The layer output is the block
+  output, or with `return_ffn` its MLP branch before the residual add.
   """
 
-  def __call__(self, x_bnd, attn_mask, deterministic, drop_rate):
-    x_bnd = super().__call__(x_bnd, attn_mask, deterministic, drop_rate)
-    return x_bnd, x_bnd
+  def __call__(self, x_bnd, attn_mask, deterministic, drop_rate, return_ffn=False):
+    x_bnd, ffn_bnd = super().__call__(x_bnd, attn_mask, deterministic, drop_rate, True)
+    return x_bnd, (ffn_bnd if return_ffn else x_bnd)
 
 
 class Encoder(nn.Module):
@@ -104,18 +115,18 @@ class Encoder(nn.Module):
       self.drop_rates = jnp.asarray(rates, jnp.float32)
       block_cls = ScannedEncoderBlock
       if self.remat:
-        block_cls = nn.remat(ScannedEncoderBlock, static_argnums=(3,))
+        block_cls = nn.remat(ScannedEncoderBlock, static_argnums=(3, 5))
       self.blocks = nn.scan(
         block_cls,
         variable_axes={'params': 0},
         split_rngs={'params': True, 'dropout': True},
-        in_axes=(nn.broadcast, nn.broadcast, 0),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
         length=self.depth,
         metadata_params={nn.PARTITION_NAME: 'layers'},
       )(self.num_heads, self.mlp_dim, 0.0, self.dtype, self.param_dtype, self.attention_impl)
       return
-    # static_argnums counts `self`: argument 3 is `deterministic`.
-    block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+    # static_argnums counts `self`: argument 3 is `deterministic`, 5 is `return_ffn`.
+    block_cls = nn.remat(EncoderBlock, static_argnums=(3, 5)) if self.remat else EncoderBlock
     self.blocks = [
       block_cls(
         self.num_heads,
@@ -142,7 +153,12 @@ class Encoder(nn.Module):
     return tokens_bnd, (n_time, n_freq)
 
   def encode_tokens(
-    self, tokens_bnd, token_valid_bn=None, deterministic: bool = True, return_layers: bool = False
+    self,
+    tokens_bnd,
+    token_valid_bn=None,
+    deterministic: bool = True,
+    return_layers: bool = False,
+    layer_source: str = 'residual',
   ):
     """Runs CLS + blocks + final norm over already position-embedded tokens.
 
@@ -151,11 +167,18 @@ class Encoder(nn.Module):
       token_valid_bn: optional bool [batch, n]; False marks padding that no token may attend to.
       deterministic: disables stochastic depth.
       return_layers: also return every block's output (before the final norm), for teacher targets.
+      layer_source: what 'layers' holds per block: 'residual' (the block output) or 'ffn' (the MLP
+        branch before the residual add, EAT's targets).
 
     Returns:
       dict with 'cls' [batch, width], 'tokens' [batch, n, width] and optionally
       'layers' [depth, batch, n, width] (patch tokens only).
     """
+    if layer_source not in LAYER_SOURCES:
+      raise ValueError(
+        f'layer_source={layer_source!r} is not valid; choose one of {LAYER_SOURCES}.'
+      )
+    return_ffn = return_layers and layer_source == 'ffn'
     batch = tokens_bnd.shape[0]
     cls_b1d = jnp.broadcast_to(self.cls_token, (batch, 1, self.width)).astype(self.dtype)
     x_bnd = jnp.concatenate([cls_b1d, tokens_bnd.astype(self.dtype)], axis=1)
@@ -164,13 +187,17 @@ class Encoder(nn.Module):
       valid_bn = jnp.concatenate([jnp.ones((batch, 1), bool), token_valid_bn.astype(bool)], axis=1)
       attn_mask = valid_bn[:, None, None, :]  # [batch, heads, queries, keys]
     if self.scan_layers:
-      x_bnd, layers_lbnd = self.blocks(x_bnd, attn_mask, deterministic, self.drop_rates)
+      x_bnd, layers_lbnd = self.blocks(x_bnd, attn_mask, deterministic, self.drop_rates, return_ffn)
       layers = layers_lbnd[:, :, 1:] if return_layers else None
     else:
       per_block = []
       for block in self.blocks:
-        x_bnd = block(x_bnd, attn_mask, deterministic)
-        if return_layers:
+        # Positional: remat's static_argnums (deterministic, return_ffn) count positions.
+        x_bnd = block(x_bnd, attn_mask, deterministic, None, return_ffn)
+        if return_ffn:
+          x_bnd, ffn_bnd = x_bnd
+          per_block.append(ffn_bnd[:, 1:])
+        elif return_layers:
           per_block.append(x_bnd[:, 1:])
       layers = jnp.stack(per_block) if return_layers else None
     x_bnd = self.norm(x_bnd)
@@ -186,6 +213,7 @@ class Encoder(nn.Module):
     token_valid_bn=None,
     deterministic: bool = True,
     return_layers: bool = False,
+    layer_source: str = 'residual',
   ):
     """Encodes a log-mel batch [batch, time, freq].
 
@@ -196,11 +224,14 @@ class Encoder(nn.Module):
       token_valid_bn: optional bool mask over the (gathered) tokens, False for padding.
       deterministic: disables stochastic depth.
       return_layers: also return per-block outputs.
+      layer_source: 'residual' or 'ffn', see `encode_tokens`.
     """
     tokens_bnd, _ = self.embed(x_btf)
     if visible_idx is not None:
       tokens_bnd = gather_tokens(tokens_bnd, visible_idx)
-    return self.encode_tokens(tokens_bnd, token_valid_bn, deterministic, return_layers)
+    return self.encode_tokens(
+      tokens_bnd, token_valid_bn, deterministic, return_layers, layer_source
+    )
 
 
 def gather_tokens(tokens_bnd, idx_bk):

@@ -57,10 +57,19 @@ def check_before_compiling(config: ConfigDict, workdir: str) -> None:
     raise configuration.ConfigError(
       'logging.log_every_steps and checkpoint.every_steps must be positive.'
     )
-  if config.probe.every_steps > 0 and not (config.probe.train and config.probe.test):
-    raise configuration.ConfigError(
-      'probe.every_steps > 0 needs probe.train and probe.test (labelled manifests).'
-    )
+  if config.probe.every_steps > 0:
+    if not config.probe.tasks:
+      raise configuration.ConfigError(
+        'probe.every_steps > 0 needs probe.tasks: comma-separated task manifests '
+        '(path,label,group), e.g. data/sonicpi/task.csv.'
+      )
+    for path in probe_task_paths(config):
+      if not os.path.isfile(path):
+        raise configuration.ConfigError(f'config.probe.tasks: {path!r} does not exist.')
+
+
+def probe_task_paths(config: ConfigDict) -> list[str]:
+  return [p.strip() for p in (config.probe.tasks or '').split(',') if p.strip()]
 
 
 def _local_data_exists(spec: str) -> bool:
@@ -149,22 +158,30 @@ def _encoder_params_on_host(state) -> dict:
   return multihost_utils.process_allgather(params, tiled=True)
 
 
-def _online_probe(config, objective, state, writer, step) -> None:
-  from aasp_jax.evaluate import linear_probe
+def _online_probe(config, objective, state, writer, step, tasks) -> None:
+  """The shared probe protocol (`evaluate.protocol`) on the student encoder: the headline
+  feature's linear and kNN accuracy per task, logged as probe/<task>/{linear,knn}."""
+  from aasp_jax.evaluate import protocol
 
   params = _encoder_params_on_host(state)
   if jax.process_index() != 0:
     return
-  result = linear_probe.probe_encoder(
-    objective.encoder,
-    params,
-    objective.preset,
-    config.probe.train,
-    config.probe.test,
-    batch_size=config.probe.batch_size,
+  values = {}
+  for task in tasks:
+    scores = protocol.score_encoder(
+      task,
+      objective.encoder,
+      params,
+      objective.preset,
+      names=[protocol.HEADLINE_FEATURE],
+      batch_size=config.probe.batch_size,
+    )[protocol.HEADLINE_FEATURE]
+    for classifier, score in scores.items():
+      values[f'probe/{task.name}/{classifier}'] = score.accuracy
+  logging.info(
+    'step %d: online probe %s', step, ', '.join(f'{k} {v:.4f}' for k, v in values.items())
   )
-  logging.info('step %d: online linear probe accuracy %.4f', step, result['accuracy'])
-  writer.write(step, {'probe/accuracy': result['accuracy']})
+  writer.write(step, values)
 
 
 def train(config: ConfigDict, workdir: str) -> TrainResult:
@@ -220,6 +237,11 @@ def train(config: ConfigDict, workdir: str) -> TrainResult:
   logging.info('train step compiled in %.1f s', time.perf_counter() - t0)
 
   # ---------------------------------------------------------------- Loop
+  probe_tasks = []
+  if config.probe.every_steps > 0 and jax.process_index() == 0:
+    from aasp_jax.evaluate import protocol
+
+    probe_tasks = [protocol.ProbeTask.from_manifest(p) for p in probe_task_paths(config)]
   writer = metrics_writer.MetricsWriter(workdir, resume_step=latest)
   progress = _Progress(config.total_steps, config.global_batch, start)
   log_cfg = config.logging
@@ -253,7 +275,7 @@ def train(config: ConfigDict, workdir: str) -> TrainResult:
         if jax.process_index() == 0:
           logging.info(progress.line(step, metrics))
       if config.probe.every_steps > 0 and step % config.probe.every_steps == 0:
-        _online_probe(config, objective, state, writer, step)
+        _online_probe(config, objective, state, writer, step, probe_tasks)
       preempted = preemption.reached(step)
       if preempted or step % config.checkpoint.every_steps == 0 or step == config.total_steps:
         checkpoints.save(step, state, rng, data_iterator, config)

@@ -68,7 +68,8 @@ def _drop_entries_after(path: str, step: int) -> None:
 
 
 def plot_loss_curves(jsonl_path: str, png_path: str) -> str:
-  """Draws the loss terms (and the learning rate) against the step into a PNG; returns its path."""
+  """Draws the loss terms, the learning rate, the effective rank and the online probe accuracies
+  against the step into a PNG; returns its path."""
   import matplotlib
 
   matplotlib.use('Agg')  # no display on servers
@@ -76,19 +77,32 @@ def plot_loss_curves(jsonl_path: str, png_path: str) -> str:
 
   entries = read_jsonl(jsonl_path)
   keys = [k for k in LOSS_KEYS if any(k in e for e in entries)]
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  probe_keys = sorted({k for e in entries for k in e if k.startswith('probe/')})
+  fig, axes = plt.subplots(1, 4 if probe_keys else 3, figsize=(20 if probe_keys else 15, 4))
   for key in keys:
     points = [(e['step'], e[key]) for e in entries if key in e and math.isfinite(e[key])]
     axes[0].plot(*zip(*points), label=key)
   axes[0].set_xlabel('step')
   axes[0].set_ylabel('loss')
-  axes[0].set_title('AaSP loss terms')
+  axes[0].set_title('loss terms')
   axes[0].legend()
   lr = [(e['step'], e['learning_rate']) for e in entries if 'learning_rate' in e]
   if lr:
     axes[1].plot(*zip(*lr))
   axes[1].set_xlabel('step')
   axes[1].set_title('learning rate')
+  rank = [(e['step'], e['effective_rank']) for e in entries if 'effective_rank' in e]
+  if rank:
+    axes[2].plot(*zip(*rank))
+  axes[2].set_xlabel('step')
+  axes[2].set_title('effective rank of the clip embeddings (batch)')
+  for key in probe_keys:
+    points = [(e['step'], e[key]) for e in entries if key in e]
+    axes[3].plot(*zip(*points), marker='o', label=key[len('probe/'):])
+  if probe_keys:
+    axes[3].set_xlabel('step')
+    axes[3].set_title('online probe accuracy (student)')
+    axes[3].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(png_path, dpi=100)
   plt.close(fig)

@@ -1,5 +1,11 @@
 """The AaSP model bundle: encoder (student and EMA teacher), predictor and contrastive projection,
-plus the static settings of the objective, built once from the config."""
+plus the static settings of the objective, built once from the config.
+
+`objective.kind` picks the pre-training target behind one interface (same step, loop, state and
+checkpoints): 'aasp' predicts the EMA teacher's targets at the masked positions (data2vec 2.0 /
+EAT); 'mae' reconstructs the masked patches of the normalised log-mel (Audio-MAE), with the
+predictor's output width set to the pixels per patch.
+"""
 
 import dataclasses
 
@@ -7,11 +13,21 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from aasp_jax import configuration
+from aasp_jax import configuration, losses
 from aasp_jax.audio import fbank_device
 from aasp_jax.audio.presets import FrontEndPreset
 from aasp_jax.models import build
 from aasp_jax.models.heads import ProjectionHead
+from aasp_jax.models.vit import LAYER_SOURCES
+
+# The choices of every string-valued objective switch (config key -> valid values).
+CHOICES = {
+  'kind': ('aasp', 'mae'),
+  'loss_scale': losses.LOSS_SCALES,
+  'utterance_reduction': losses.UTTERANCE_REDUCTIONS,
+  'target_layers': LAYER_SOURCES,
+  'stem_input': ('full', 'masked'),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +46,20 @@ class AaSPObjective:
   utterance_weight: float
   contrastive_weight: float
   temperature: float
+  # The switches below default to the AaSP recipe (see configs/common.py objective_config).
+  kind: str = 'aasp'
+  loss_scale: str = 'mean'
+  utterance_reduction: str = 'mean'
+  target_layers: str = 'residual'
+  stem_input: str = 'full'
+  context_metric: bool = False
+  mae_norm_patches: bool = True
+
+  def __post_init__(self):
+    for key, choices in CHOICES.items():
+      value = getattr(self, key)
+      if value not in choices:
+        raise ValueError(f'objective.{key}={value!r} is not valid; choose one of {choices}.')
 
   @classmethod
   def from_config(cls, cfg: ConfigDict) -> 'AaSPObjective':
@@ -44,9 +74,13 @@ class AaSPObjective:
         f'objective.num_clones={o.num_clones}: the multi-mask contrastive loss needs at least 2 '
         'clones per clip; raise num_clones or set objective.contrastive_weight=0.'
       )
+    predictor = build.build_predictor(m)
+    if o.kind == 'mae':
+      # Audio-MAE's decoder predicts the pixels of each masked patch.
+      predictor = predictor.clone(out_dim=m.patch_t * m.patch_f)
     return cls(
       encoder=build.build_encoder(m),
-      predictor=build.build_predictor(m),
+      predictor=predictor,
       projection=ProjectionHead(
         o.projection_hidden,
         o.projection_dim,
@@ -62,11 +96,26 @@ class AaSPObjective:
       utterance_weight=o.utterance_weight,
       contrastive_weight=o.contrastive_weight,
       temperature=o.temperature,
+      kind=o.kind,
+      loss_scale=o.loss_scale,
+      utterance_reduction=o.utterance_reduction,
+      target_layers=o.target_layers,
+      stem_input=o.stem_input,
+      context_metric=o.context_metric,
+      mae_norm_patches=o.mae_norm_patches,
     )
 
   @property
   def num_tokens(self) -> int:
     return self.grid[0] * self.grid[1]
+
+  @property
+  def patch(self) -> tuple[int, int]:
+    """(patch_t, patch_f): frames and mel bins per patch token."""
+    return (
+      self.preset.target_length // self.grid[0],
+      self.preset.num_mel_bins // self.grid[1],
+    )
 
   def features(self, batch: dict) -> jax.Array:
     """Normalised log-mel [B, T, F]: computed on device from waveforms, or taken from the batch."""

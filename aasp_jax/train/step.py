@@ -7,6 +7,17 @@ tokens; the cross-attention predictor predicts the teacher targets at the masked
 is frame MSE + utterance MSE + the multi-mask contrastive InfoNCE over the whole global batch of
 clones; AdamW updates the student and the teacher follows by EMA.
 
+Objective switches (static fields of `AaSPObjective`, all defaulting to the above):
+- kind='mae': the targets are the clip's own (per-patch normalised) log-mel patches, as Audio-MAE;
+  no teacher runs (the EMA update still does, so checkpoints and evaluation are unchanged) and the
+  utterance term is 0. frame_loss is then the reconstruction loss.
+- loss_scale='eat', utterance_reduction='sum', target_layers='ffn': EAT's d2v_loss scaling, its
+  summed CLS term and its FFN-output targets (see aasp_jax/losses.py and models/vit.py).
+- stem_input='masked': the student's stem runs per clone row on the log-mel with the masked patches
+  set to 0, so no visible token sees masked frames through the stem's receptive field.
+- context_metric: also log frame_loss_shuffled, the loss when every row's predictor gets the
+  visible tokens of another clip's clone (its own positions): how much the predictor needs content.
+
 Clone rows are clip-major: rows b*M .. b*M + M - 1 are the clones of clip b.
 """
 
@@ -19,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from aasp_jax import losses, masking
+from aasp_jax.models.vit import gather_tokens
 from aasp_jax.train.objective import AaSPObjective
 from aasp_jax.train.optimizer import ema_decay
 from aasp_jax.train import state as state_lib
@@ -27,9 +39,40 @@ from aasp_jax.train.state import TrainState
 
 def teacher_forward(objective: AaSPObjective, teacher_params, x_btf) -> jax.Array:
   """Teacher targets [B, N, D] for whole clips (no masking, no gradient)."""
-  out = objective.encoder.apply({'params': teacher_params}, x_btf, return_layers=True)
+  out = objective.encoder.apply(
+    {'params': teacher_params}, x_btf, return_layers=True, layer_source=objective.target_layers
+  )
   targets = losses.teacher_targets(out['layers'], objective.top_k_layers)
   return jax.lax.stop_gradient(targets)
+
+
+def masked_log_mel(objective: AaSPObjective, x_btf, mask_rn) -> jax.Array:
+  """Each clone row's log-mel [R, T, F] with its masked patches set to 0 (the normalised mean)."""
+  n_time, n_freq = objective.grid
+  patch_t, patch_f = objective.patch
+  rows = mask_rn.shape[0]
+  clip_of_row = jnp.arange(rows) // objective.num_clones
+  mask_rtf = jnp.repeat(
+    jnp.repeat(mask_rn.reshape(rows, n_time, n_freq), patch_t, axis=1), patch_f, axis=2
+  )
+  return jnp.where(mask_rtf, jnp.zeros((), x_btf.dtype), x_btf[clip_of_row])
+
+
+def student_tokens(objective: AaSPObjective, encoder_params, x_btf, masks) -> jax.Array:
+  """Each clone row's visible tokens [R = B * M, V, D] (stem + positions), before the blocks.
+
+  stem_input='full': the stem runs once per clip and each clone gathers its visible tokens.
+  stem_input='masked': the stem runs once per clone row on `masked_log_mel`, so a visible token can
+  carry nothing of the masked patches (AaPE's long kernel would otherwise reach into them).
+  """
+  o, enc = objective, {'params': encoder_params}
+  if o.stem_input == 'masked':
+    tokens_rnd, _ = o.encoder.apply(enc, masked_log_mel(o, x_btf, masks.mask), method='embed')
+    return gather_tokens(tokens_rnd, masks.visible_idx)
+  tokens_bnd, _ = o.encoder.apply(enc, x_btf, method='embed')  # the stem runs once per clip
+  clip_of_row = jnp.arange(masks.visible_idx.shape[0]) // o.num_clones
+  # Gather each clone's visible tokens from its clip without materialising B*M full copies.
+  return tokens_bnd[clip_of_row[:, None], masks.visible_idx]
 
 
 def student_loss(
@@ -38,23 +81,35 @@ def student_loss(
   """Total loss and its parts for the M masked clones of every clip.
 
   `targets_bnd` holds one target per clip (`clones_per_target` = M, the AaSP design) or, for the
-  naive baseline, one per clone row (`clones_per_target` = 1).
+  naive baseline, one per clone row (`clones_per_target` = 1). For kind='mae' they are the
+  `losses.mae_targets` patches of each clip.
   """
   o, m = objective, objective.num_clones
   per_target = m if clones_per_target is None else clones_per_target
   batch = x_btf.shape[0]
   enc = {'params': params['encoder']}
-  tokens_bnd, _ = o.encoder.apply(enc, x_btf, method='embed')  # the stem runs once per clip
-  clip_of_row = jnp.arange(batch * m) // m
-  # Gather each clone's visible tokens from its clip without materialising B*M full copies.
-  visible_rvd = tokens_bnd[clip_of_row[:, None], masks.visible_idx]
+  visible_rvd = student_tokens(o, params['encoder'], x_btf, masks)
   out = o.encoder.apply(enc, visible_rvd, method='encode_tokens')
-  pred_rkd = o.predictor.apply(
-    {'params': params['predictor']}, out['tokens'], masks.visible_idx, masks.masked_idx, o.grid
-  )
-  frame = losses.frame_loss(pred_rkd, targets_bnd, masks.masked_idx, per_target)
-  utterance = losses.utterance_loss(out['cls'], targets_bnd, per_target)
-  total = frame + o.utterance_weight * utterance
+
+  def predict_loss(predictor_params, context_rvd):
+    pred_rkd = o.predictor.apply(
+      {'params': predictor_params}, context_rvd, masks.visible_idx, masks.masked_idx, o.grid
+    )
+    if o.kind == 'mae':
+      return pred_rkd, losses.mae_loss(pred_rkd, targets_bnd, masks.masked_idx, per_target)
+    return pred_rkd, losses.frame_loss(
+      pred_rkd, targets_bnd, masks.masked_idx, per_target, o.loss_scale
+    )
+
+  pred_rkd, frame = predict_loss(params['predictor'], out['tokens'])
+  if o.kind == 'mae':
+    utterance = jnp.zeros((), jnp.float32)  # no teacher: the utterance target is not defined
+    total = frame
+  else:
+    utterance = losses.utterance_loss(
+      out['cls'], targets_bnd, per_target, o.loss_scale, o.utterance_reduction
+    )
+    total = frame + o.utterance_weight * utterance
   aux = {
     'frame_loss': frame,
     'utterance_loss': utterance,
@@ -64,6 +119,14 @@ def student_loss(
       out['cls'].astype(jnp.float32).reshape(batch, m, -1).mean(axis=1)
     ),
   }
+  if o.context_metric:
+    # Row r gets the visible outputs of row r + M (a clone of the next clip, wrapping) but keeps its
+    # own indices: the loss the predictor reaches from positions alone. Needs B >= 2 to differ.
+    shuffled_rvd = jnp.roll(out['tokens'], -m, axis=0)
+    _, shuffled = predict_loss(
+      jax.lax.stop_gradient(params['predictor']), jax.lax.stop_gradient(shuffled_rvd)
+    )
+    aux['frame_loss_shuffled'] = jax.lax.stop_gradient(shuffled)
   if o.contrastive_weight > 0:
     z_rd = o.projection.apply({'params': params['projection']}, out['cls'])
     contrastive = losses.multi_positive_infonce(z_rd, losses.clip_ids(batch, m), o.temperature)
@@ -89,11 +152,17 @@ def train_step(
 
   `teacher_per_clone=True` is the naive design that benchmarks compare against: the teacher re-runs
   on every clone's (repeated) clip and every clone row gets its own targets.
+
+  With objective.kind='mae' the targets are the clip's log-mel patches and no teacher runs.
   """
   o = objective
   step_rng = jax.random.fold_in(rng, state.step)
   x_btf = o.features(batch)
-  if teacher_per_clone:
+  if o.kind == 'mae':
+    if teacher_per_clone:
+      raise ValueError('teacher_per_clone is an AaSP baseline; objective.kind=mae has no teacher.')
+    targets_bnd = losses.mae_targets(x_btf, *o.patch, o.mae_norm_patches)
+  elif teacher_per_clone:
     targets_bnd = teacher_forward(o, state.teacher, jnp.repeat(x_btf, o.num_clones, axis=0))
   else:
     targets_bnd = teacher_forward(o, state.teacher, x_btf)

@@ -1,0 +1,438 @@
+"""Does pre-training learn? Pre-train variants for a fixed budget over several seeds, probe their
+checkpoints along the way with the shared protocol (aasp_jax/evaluate/protocol.py), and compare with
+each run's own initialisation, a log-mel statistics baseline and a supervised upper bound.
+
+  python benchmarks/learning.py train --variants aasp,mae --seeds 0,1,2 --steps 600 --probe_every 200
+  python benchmarks/learning.py baselines          # mel statistics + supervised upper bound
+  python benchmarks/learning.py report             # table (.md), figure (.png), learning.json
+
+Everything lives under --out (default benchmarks/results/learning): one workdir per run
+(`runs/<variant>_s<seed>`, the trainer's own checkpoints, so an interrupted run resumes), each with
+`probe.json` (every probed step, every feature and classifier), plus `baselines.json`. `train`
+skips runs and steps already probed, so rerunning a command continues it.
+
+Pre-training data (`--data`): the bundled Sonic Pi clips (data/sonicpi, 206 clips, 7 min) plus,
+where it is present, the Asterisk speech prompts (54 min, CC-BY-SA-3.0; `--asterisk`, default
+../shared/data/asterisk; elsewhere rebuild them from Debian's asterisk-core-sounds-{en,es}-g722
+packages, 16 kHz FLAC with a `manifest.csv` of `path`); the counts are recorded in each run.
+`--data ...,gm` adds the GM task's own clips (transductive; off by default). A run that could not
+finish is probed where it stopped with `train --probe_only` (its table rows end early).
+Probe tasks: data/sonicpi/task.csv (drum and sample categories) and data/gm_instruments/task.csv
+(instrument families of real SoundFont samples); both are split by source (see their READMEs).
+"""
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from aasp_jax import configuration  # noqa: E402
+from aasp_jax.evaluate import pretrained, protocol  # noqa: E402
+
+TASKS = {
+  'sonicpi': os.path.join(REPO, 'data', 'sonicpi', 'task.csv'),
+  'gm_instruments': os.path.join(REPO, 'data', 'gm_instruments', 'task.csv'),
+}
+# name -> (quickstart config argument, overrides). Every variant shares the quick-start sizes,
+# batch, optimiser and schedule; only the listed switches differ.
+VARIANTS = {
+  'aasp': ('', []),
+  'no_contrastive': ('', ['objective.contrastive_weight=0.0']),
+  'conv_stem': ('stem=conv', []),
+  # XLA's grouped convolutions are ~20x slower than dense ones on CPU (EAT's decoder: 16 groups),
+  # so the tiny CNN decoder runs dense 3x3 convolutions here.
+  'cnn_decoder': ('predictor=cnn', ['model.predictor.cnn_groups=1']),
+  'masked_stem': ('', ['objective.stem_input=masked']),
+  'eat_loss_scale': ('', ['objective.loss_scale=eat']),
+  'eat_utterance_sum': ('', ['objective.utterance_reduction=sum']),
+  'eat_ffn_targets': ('', ['objective.target_layers=ffn']),
+  # EAT's own recipe: conv stem, CNN decoder, no contrastive term, its three loss settings, and
+  # its schedule scaled to the run (warm-up 53k of 400k steps; EMA annealed over the run).
+  'eat': ('recipe=eat', ['optimizer.warmup_fraction=0.133', 'model.predictor.cnn_groups=1']),
+  'mae': ('recipe=mae', []),
+}
+
+
+def pretrain_manifest(out: str, asterisk: str | None, sources: str) -> tuple[str, dict]:
+  """A CSV of every pre-training clip (absolute paths); returns (path, counts per source).
+
+  `sources`: comma-separated from sonicpi, asterisk, gm. 'gm' adds the GM instrument task's own
+  clips (unlabelled): transductive pre-training, reported as such.
+  """
+  rows = []
+  counts = {}
+  names = sources.split(',')
+  for name, listing in (('sonicpi', 'labels.csv'), ('gm', 'task.csv')):
+    if name in names:
+      folder = os.path.join(REPO, 'data', 'sonicpi' if name == 'sonicpi' else 'gm_instruments')
+      with open(os.path.join(folder, listing)) as f:
+        clips = [os.path.join(folder, r['path']) for r in csv.DictReader(f)]
+      rows += clips
+      counts[name] = len(clips)
+  if 'asterisk' in names and asterisk and os.path.isfile(os.path.join(asterisk, 'manifest.csv')):
+    with open(os.path.join(asterisk, 'manifest.csv')) as f:
+      speech = [os.path.join(asterisk, r['path']) for r in csv.DictReader(f)]
+    rows += speech
+    counts['asterisk'] = len(speech)
+  path = os.path.join(out, f'pretrain_{sources.replace(",", "_")}.csv')
+  os.makedirs(out, exist_ok=True)
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['path'])
+    writer.writerows([r] for r in rows)
+  return path, counts
+
+
+def run_config(variant: str, seed: int, steps: int, probe_every: int, data: str, extra=()):
+  arg, overrides = VARIANTS[variant]
+  overrides = list(overrides) + [
+    f'seed={seed}',
+    f'total_steps={steps}',
+    f'checkpoint.every_steps={probe_every}',
+    'checkpoint.keep=100',
+    f'optimizer.ema_anneal_steps={steps}',
+    f'data.train={data}',
+    'logging.log_every_steps=50',
+    'probe.every_steps=0',  # the benchmark probes the saved checkpoints itself
+    *extra,
+  ]
+  path = os.path.join(REPO, 'configs', 'quickstart.py') + (f':{arg}' if arg else '')
+  return configuration.load_config(path, overrides), overrides
+
+
+def score_json(scores: dict) -> dict:
+  return {f: {c: s.to_json() for c, s in per.items()} for f, per in scores.items()}
+
+
+def probe_model(model, tasks) -> dict:
+  return {
+    name: score_json(protocol.score_encoder(task, model.encoder, model.params, model.preset))
+    for name, task in tasks.items()
+  }
+
+
+def train(args) -> None:
+  from aasp_jax.train import loop
+
+  data, counts = pretrain_manifest(args.out, args.asterisk, args.data)
+  tasks = {name: protocol.ProbeTask.from_manifest(path, name) for name, path in TASKS.items()}
+  for variant in args.variants.split(','):
+    for seed in [int(s) for s in args.seeds.split(',')]:
+      workdir = os.path.join(args.out, 'runs', f'{variant}{args.tag}_s{seed}')
+      record_path = os.path.join(workdir, 'probe.json')
+      record = json.load(open(record_path)) if os.path.exists(record_path) else {}
+      config, overrides = run_config(
+        variant, seed, args.steps, args.probe_every, data, args.set
+      )
+      record.update(variant=variant + args.tag, seed=seed, overrides=overrides, data=counts,
+                    budget_steps=args.steps)
+      record.setdefault('steps', {})
+      if '0' not in record['steps']:
+        record['steps']['0'] = probe_model(pretrained.initial_encoder(config), tasks)
+      if not args.probe_only:
+        start = time.perf_counter()
+        result = loop.train(config, workdir)
+        record.setdefault('train_seconds', 0.0)
+        record['train_seconds'] += time.perf_counter() - start
+        record['final_metrics'] = {k: float(v) for k, v in result.metrics.items()}
+      saved = set(pretrained._complete_steps(os.path.join(workdir, 'checkpoints')))
+      record['completed_steps'] = max(saved | {0})
+      for step in range(args.probe_every, args.steps + 1, args.probe_every):
+        if str(step) in record['steps'] or step not in saved:
+          continue
+        model = pretrained.load_pretrained(workdir, step=step)
+        record['steps'][str(step)] = probe_model(model, tasks)
+        head = {t: record['steps'][str(step)][t][protocol.HEADLINE_FEATURE]['linear']['accuracy']
+                for t in tasks}
+        print(f'{variant} seed {seed} step {step}: {head}', flush=True)
+      with open(record_path, 'w') as f:
+        json.dump(record, f)
+
+
+def baselines(args) -> None:
+  config, _ = run_config('aasp', 0, args.steps, args.probe_every, 'unused')
+  preset = configuration.frontend_preset(config)
+  path = os.path.join(args.out, 'baselines.json')
+  out = json.load(open(path)) if os.path.exists(path) else {}
+  for name, task_path in TASKS.items():
+    task = protocol.ProbeTask.from_manifest(task_path, name)
+    out.setdefault(name, {})
+    out[name]['mel_stats'] = score_json(
+      protocol.score_features(task, protocol.mel_statistics(preset, task.entries))
+    )['mel_stats']
+    out[name]['chance'] = float(np.bincount(task.labels).max() / len(task.labels))
+    key = f'supervised_{args.supervised_steps}'
+    if args.supervised_steps and key not in out[name]:
+      out[name][key] = [
+        supervised(task, int(seed), args.supervised_steps)
+        for seed in args.supervised_seeds.split(',')
+      ]
+  with open(path, 'w') as f:
+    json.dump(out, f)
+  print(json.dumps({t: {k: v for k, v in d.items() if k == 'chance'} for t, d in out.items()}))
+
+
+def _runs(out: str) -> list[dict]:
+  root = os.path.join(out, 'runs')
+  runs = []
+  for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    path = os.path.join(root, name, 'probe.json')
+    if os.path.exists(path):
+      runs.append(json.load(open(path)))
+  return runs
+
+
+def _mean_se(values) -> tuple[float, float]:
+  values = np.asarray(values, np.float64)
+  se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float('nan')
+  return float(values.mean()), float(se)
+
+
+def summarise(runs: list[dict], feature: str, classifier: str) -> dict:
+  """{variant: {task: {step: {...}}}}: accuracy mean and SE over seeds, the paired gain over each
+  seed's own initialisation (mean, SE, z) and the mean protocol SE of a single run."""
+  out: dict = {}
+  by_variant: dict = {}
+  for run in runs:
+    by_variant.setdefault(run['variant'], []).append(run)
+  for variant, vruns in by_variant.items():
+    steps = sorted(set.intersection(*[set(map(int, r['steps'])) for r in vruns]))
+    out[variant] = {'seeds': sorted(r['seed'] for r in vruns), 'tasks': {}}
+    for task in TASKS:
+      rows = {}
+      for step in steps:
+        acc = [r['steps'][str(step)][task][feature][classifier]['accuracy'] for r in vruns]
+        init = [r['steps']['0'][task][feature][classifier]['accuracy'] for r in vruns]
+        se_run = [r['steps'][str(step)][task][feature][classifier]['se'] for r in vruns]
+        mean, se = _mean_se(acc)
+        rows[step] = {
+          'accuracy': mean, 'se_seeds': se, 'se_protocol': float(np.mean(se_run)),
+          'per_seed': acc, 'gain': protocol.paired_gain(acc, init),
+        }
+      out[variant]['tasks'][task] = rows
+  return out
+
+
+def _fmt(mean, se) -> str:
+  return f'{mean:.3f} ± {se:.3f}' if np.isfinite(se) else f'{mean:.3f}'
+
+
+def report(args) -> None:
+  runs = _runs(args.out)
+  base_path = os.path.join(args.out, 'baselines.json')
+  base = json.load(open(base_path)) if os.path.exists(base_path) else {}
+  feature = protocol.HEADLINE_FEATURE
+  result = {
+    'protocol': {'folds': protocol.FOLDS, 'repeats': protocol.REPEATS, 'inner_folds':
+                 protocol.INNER_FOLDS, 'l2_grid': list(protocol.L2_GRID), 'knn_k': protocol.KNN_K,
+                 'headline_feature': feature},
+    'linear': summarise(runs, feature, 'linear'),
+    'knn': summarise(runs, feature, 'knn'),
+    'baselines': base,
+    'features': {},
+  }
+  # Every feature of every run's last step, for the "which layer / pooling" question.
+  for run in runs:
+    last = str(max(map(int, run['steps'])))
+    for task in TASKS:
+      for feat, per in run['steps'][last][task].items():
+        for clf, score in per.items():
+          key = (run['variant'], task, feat, clf)
+          result['features'].setdefault('|'.join(key), {'last': [], 'init': []})
+          result['features']['|'.join(key)]['last'].append(score['accuracy'])
+          result['features']['|'.join(key)]['init'].append(run['steps']['0'][task][feat][clf]['accuracy'])
+  lines = [
+    '# Learning benchmark (`benchmarks/learning.py`)', '',
+    f'Protocol: {protocol.REPEATS} x {protocol.FOLDS}-fold stratified group k-fold (splits by '
+    f'source), headline feature `{feature}`, linear = ridge classifier with l2 by nested '
+    f'{protocol.INNER_FOLDS}-fold group CV, kNN k = {protocol.KNN_K} (cosine). Accuracy: mean over '
+    'seeds ± SE over seeds (one seed: ± the protocol SE over folds). Gain: paired with each '
+    "seed's own initialisation, mean ± SE over seeds (z = mean / SE).", '',
+  ]
+  for task in TASKS:
+    lines += [f'## {task}', '']
+    b = base.get(task, {})
+    if b:
+      mel = b['mel_stats']
+      lines.append(f'- chance (majority class): {b["chance"]:.3f}')
+      lines.append(f'- log-mel statistics: linear {_fmt(mel["linear"]["accuracy"], mel["linear"]["se"])}, '
+                   f'kNN {_fmt(mel["knn"]["accuracy"], mel["knn"]["se"])}')
+      for key, val in b.items():
+        if key.startswith('supervised'):
+          m, se = _mean_se([v['accuracy'] for v in val])
+          se = se if len(val) > 1 else val[0]['se']  # one seed: the SE over its folds
+          lines.append(f'- supervised upper bound ({val[0]["steps"]} steps, repeat 0, seeds '
+                       f'{len(val)}): {_fmt(m, se)}')
+      lines.append('')
+    lines += ['| variant | seeds | step | linear | gain vs own init (z) | kNN | kNN gain (z) |',
+              '|---|---|---:|---:|---:|---:|---:|']
+    for variant, v in result['linear'].items():
+      for step, row in v['tasks'][task].items():
+        krow = result['knn'][variant]['tasks'][task][step]
+        se = row['se_seeds'] if np.isfinite(row['se_seeds']) else row['se_protocol']
+        kse = krow['se_seeds'] if np.isfinite(krow['se_seeds']) else krow['se_protocol']
+        g, kg = row['gain'], krow['gain']
+        lines.append(
+          f'| {variant} | {len(v["seeds"])} | {step} | {_fmt(row["accuracy"], se)} | '
+          f'{g["mean"]:+.3f} ± {g["se"]:.3f} ({g["z"]:.1f}) | {_fmt(krow["accuracy"], kse)} | '
+          f'{kg["mean"]:+.3f} ± {kg["se"]:.3f} ({kg["z"]:.1f}) |'
+        )
+    lines.append('')
+  context = _context_lines(args.out)
+  if context:
+    lines += ['## What the encoder gives the predictor', '',
+              'Frame loss with each clone\'s own encoder outputs against the same predictor given '
+              "another clip's outputs (`frame_loss_shuffled`, positions kept), from metrics.jsonl:",
+              '', '| run | step | frame loss | shuffled context | ratio |', '|---|---:|---:|---:|---:|']
+    lines += context + ['']
+  with open(os.path.join(args.out, 'learning.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  with open(os.path.join(args.out, 'learning.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  _plot(result, os.path.join(args.out, 'learning.png'))
+  print('\n'.join(lines))
+
+
+def _context_lines(out: str) -> list[str]:
+  lines = []
+  root = os.path.join(out, 'runs')
+  for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    path = os.path.join(root, name, 'metrics.jsonl')
+    if not os.path.exists(path):
+      continue
+    entries = [json.loads(x) for x in open(path) if 'frame_loss_shuffled' in x]
+    for e in entries[:: max(1, len(entries) // 4)] + entries[-1:]:
+      lines.append(f'| {name} | {e["step"]} | {e["frame_loss"]:.4f} | '
+                   f'{e["frame_loss_shuffled"]:.4f} | {e["frame_loss_shuffled"] / e["frame_loss"]:.3f} |')
+  return lines
+
+
+def _plot(result: dict, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4.5))
+  for ax, task in zip(np.atleast_1d(axes), TASKS):
+    for variant, v in result['linear'].items():
+      rows = v['tasks'][task]
+      steps = sorted(rows)
+      ax.errorbar(steps, [rows[s]['accuracy'] for s in steps],
+                  yerr=[rows[s]['se_seeds'] if np.isfinite(rows[s]['se_seeds']) else 0 for s in steps],
+                  marker='o', capsize=2, label=f'{variant} (n={len(v["seeds"])})')
+    b = result['baselines'].get(task)
+    if b:
+      ax.axhline(b['mel_stats']['linear']['accuracy'], color='k', ls='--', label='log-mel stats')
+      for key, val in b.items():
+        if key.startswith('supervised'):
+          ax.axhline(np.mean([x['accuracy'] for x in val]), color='g', ls=':', label='supervised')
+    ax.set_title(f'{task}: linear probe ({result["protocol"]["headline_feature"]})')
+    ax.set_xlabel('pre-training step (0 = own initialisation)')
+    ax.set_ylabel('accuracy')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def supervised(task, seed: int, steps: int, batch: int = 32, lr: float = 1e-3) -> dict:
+  """The upper bound: the same encoder (from the run's initialisation for `seed`) plus a linear
+  head on its mean-pooled valid tokens, trained with labels on the training folds of repeat 0 and
+  scored on each held-out fold (AdamW, cosine schedule, first window of each clip)."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  import optax
+
+  from aasp_jax.audio import fbank_device
+
+  init = pretrained.initial_encoder(configuration.load_config(
+    os.path.join(REPO, 'configs', 'quickstart.py'), [f'seed={seed}']
+  ))
+  encoder, preset = init.encoder, init.preset
+  # Log-mel of every clip once (first window), with the number of valid time patches.
+  waves = protocol._batched(
+    lambda w, n: {'x': fbank_device.features(w, preset, n),
+                  'frames': protocol.valid_frames(n, preset)},
+    preset, task.entries, 16,
+  )
+  x_all, frames = waves.features['x'], waves.features['frames']
+  labels = task.labels[waves.indices]
+  patch_t, patch_f = protocol._patch_size(encoder)
+  n_time, n_freq = preset.target_length // patch_t, preset.num_mel_bins // patch_f
+
+  def logits_fn(params, x, fr):
+    valid = jnp.repeat(jnp.arange(n_time)[None] * patch_t < fr[:, None], n_freq, axis=1)
+    out = encoder.apply({'params': params['encoder']}, x, token_valid_bn=valid)
+    w = valid[..., None].astype(jnp.float32)
+    pooled = (out['tokens'] * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+    return pooled @ params['head']['w'] + params['head']['b']
+
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps)
+  tx = optax.adamw(schedule, weight_decay=0.05)
+
+  @jax.jit
+  def step(params, opt_state, x, fr, y):
+    def loss_fn(p):
+      return optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, x, fr), y).mean()
+    grads = jax.grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  predict = jax.jit(lambda p, x, fr: jnp.argmax(logits_fn(p, x, fr), -1))
+  folds = task.folds[0][waves.indices]
+  correct = np.zeros(len(labels), bool)
+  for k in range(protocol.FOLDS):
+    train_rows = np.flatnonzero(folds != k)
+    params = {
+      'encoder': jax.tree.map(jnp.asarray, init.params),
+      'head': {'w': jnp.zeros((encoder.width, task.num_classes)),
+               'b': jnp.zeros((task.num_classes,))},
+    }
+    opt_state = tx.init(params)
+    rng = np.random.default_rng(seed * 100 + k)
+    print(f'supervised {task.name} seed {seed} fold {k}', flush=True)
+    for _ in range(steps):
+      rows = rng.choice(train_rows, batch)
+      params, opt_state = step(params, opt_state, x_all[rows], frames[rows], labels[rows])
+    held = np.flatnonzero(folds == k)
+    for i in range(0, len(held), 64):
+      rows = held[i:i + 64]
+      correct[rows] = np.asarray(predict(params, x_all[rows], frames[rows])) == labels[rows]
+  per_fold = np.array([correct[folds == k].mean() for k in range(protocol.FOLDS)])
+  return {'accuracy': float(correct.mean()), 'se': float(per_fold.std(ddof=1) / np.sqrt(len(per_fold))),
+          'per_fold': per_fold.tolist(), 'steps': steps, 'repeat': 0}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('phase', choices=('train', 'baselines', 'report'))
+  parser.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results', 'learning'))
+  parser.add_argument('--variants', default='aasp')
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--steps', type=int, default=600)
+  parser.add_argument('--probe_every', type=int, default=200)
+  parser.add_argument('--asterisk', default=os.path.join(REPO, '..', 'shared', 'data', 'asterisk'))
+  parser.add_argument('--set', action='append', default=[], help='extra config override')
+  parser.add_argument('--supervised_steps', type=int, default=150)
+  parser.add_argument('--supervised_seeds', default='0')
+  parser.add_argument('--data', default='sonicpi,asterisk', help='sonicpi, asterisk, gm')
+  parser.add_argument('--tag', default='', help='suffix of the run names (e.g. a budget)')
+  parser.add_argument('--probe_only', action='store_true',
+                      help='probe the checkpoints a run has (an unfinished run), do not train')
+  args = parser.parse_args()
+  logging.basicConfig(level=logging.WARNING)
+  {'train': train, 'baselines': baselines, 'report': report}[args.phase](args)
+
+
+if __name__ == '__main__':
+  main()
