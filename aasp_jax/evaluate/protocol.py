@@ -49,6 +49,7 @@ import numpy as np
 from aasp_jax.audio import fbank_device
 from aasp_jax.audio import presets as presets_lib
 from aasp_jax.data import clips, manifest, pipeline, sources
+from aasp_jax.evaluate import embed
 from aasp_jax.evaluate import embeddings as embeddings_lib
 from aasp_jax.evaluate import linear_probe
 
@@ -176,12 +177,7 @@ def _features(params, waveform_bs, num_samples_b, *, encoder, preset, patch_t, p
 
 def valid_frames(num_samples, preset: presets_lib.FrontEndPreset):
   """Kaldi frames of clips with `num_samples` samples, capped at the window (`target_length`)."""
-  num_samples = jnp.asarray(num_samples, jnp.int32)
-  frames = jnp.where(
-    num_samples >= preset.window_length,
-    1 + (num_samples - preset.window_length) // preset.frame_shift,
-    0,
-  )
+  frames = embed._frames_from_samples(jnp.asarray(num_samples, jnp.int32), preset)
   return jnp.minimum(frames, preset.target_length)
 
 
@@ -212,26 +208,43 @@ class TaskFeatures:
   skipped: dict[str, int]
 
 
-def _batched(forward, preset, entries, batch_size: int) -> TaskFeatures:
+@functools.lru_cache(maxsize=4)
+def _decoded(entries: tuple, preset: presets_lib.FrontEndPreset, batch_size: int):
+  """The clips' first windows, decoded once per process and reused by every encoder scored on
+  them: (list of (entry indices, waveforms [batch_size, S], lengths), skip counts). Short batches
+  are padded to `batch_size` rows (one compiled program); only the leading rows are real."""
   options = embeddings_lib.pipeline_options(preset, batch_size)
   dataset = pipeline.make_dataset(
     sources.EntrySource(list(entries)), options, process_index=0, process_count=1
   )
-  device = jax.local_devices()[0]
   skipped_total = np.zeros(len(clips.SKIP_REASONS), np.int64)
-  chunks, index_chunks = [], []
-  for rows, batch, waveform, num_samples in embeddings_lib.padded_device_batches(
-    dataset, batch_size, device, skipped_total
-  ):
-    out = forward(waveform, num_samples)
-    chunks.append({k: np.asarray(v)[:rows] for k, v in out.items()})
-    index_chunks.append(batch['index'].astype(np.int64))
+  batches = []
+  for batch in dataset:
+    skipped_total += batch['skipped']
+    if 'index' in batch:  # the host-only tail batch carries skip counts only
+      batches.append((
+        batch['index'].astype(np.int64),
+        embeddings_lib.pad_rows(batch['waveform'], batch_size),
+        embeddings_lib.pad_rows(batch['num_samples'], batch_size),
+      ))
   skipped = pipeline.skip_summary(skipped_total)
-  indices = np.concatenate(index_chunks) if index_chunks else np.zeros((0,), np.int64)
-  if len(indices) + sum(skipped.values()) != len(entries):
+  embedded = sum(len(index) for index, _, _ in batches)
+  if embedded + sum(skipped.values()) != len(entries):
     raise RuntimeError('the input pipeline lost clips without counting them')
+  return batches, skipped
+
+
+def _batched(forward, preset, entries, batch_size: int) -> TaskFeatures:
+  """`forward(waveform, num_samples)` -> {name: [batch, ...]} over the decoded clips."""
+  batches, skipped = _decoded(tuple(entries), preset, batch_size)
+  device = jax.local_devices()[0]
+  chunks = []
+  for index, waveform, num_samples in batches:
+    out = forward(jax.device_put(waveform, device), jax.device_put(num_samples, device))
+    chunks.append({k: np.asarray(v)[: len(index)] for k, v in out.items()})
+  indices = np.concatenate([i for i, _, _ in batches]) if batches else np.zeros((0,), np.int64)
   features = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
-  return TaskFeatures(features, indices, skipped)
+  return TaskFeatures(features, indices, dict(skipped))
 
 
 def encoder_features(
