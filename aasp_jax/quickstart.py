@@ -96,8 +96,7 @@ def summary_lines(result: dict, probes: dict) -> list[str]:
           f'  {"random encoders (n = " + str(len(acc)) + ")":<30}{classifier} '
           f'{np.mean(acc):.3f} ± {se:.3f} over seeds ({", ".join(f"{a:.3f}" for a in acc)})'
         )
-    lines.append(_row('log-mel statistics', {'linear': p['mel_stats']['linear'],
-                                             'knn': p['mel_stats']['knn']}))
+    lines.append(_row('log-mel statistics', p['mel_stats']))
     for classifier in protocol.CLASSIFIERS:
       gain, se = protocol.fold_gain(p['pretrained'][classifier], p['initialisation'][classifier])
       lines.append(
