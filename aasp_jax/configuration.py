@@ -113,6 +113,9 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     value = _get(cfg, dotted)
     if value not in choices:
       raise ConfigError(f'Config key {dotted!r} is {value!r}; choose one of {list(choices)}.')
+  for key in ('global_batch', 'total_steps'):
+    if key in cfg and cfg[key] <= 0:
+      raise ConfigError(f'{key}={cfg[key]} must be positive; set --config.{key} to a number > 0.')
   m = cfg.model
   if m.width % m.num_heads:
     raise ConfigError(

@@ -12,6 +12,7 @@ config fits a TPU slice without one (prints per-chip memory and the step's FLOPs
 
 import logging
 import os
+import re
 import sys
 
 import jax
@@ -104,16 +105,46 @@ def main(argv) -> None:
       return
     from aasp_jax.train import loop
 
-    loop.train(config, _WORKDIR.value)
+    result = loop.train(config, _WORKDIR.value)
   except configuration.ConfigError as e:
     logging.error('%s', e)
     print(f'aasp-pretrain: {e}', file=sys.stderr)
+    sys.exit(2)
+  if result.input_stalled:
+    # Stopped by SIGTERM while an input read was blocked: that read may never return, and the
+    # interpreter would wait for its thread at exit. The checkpoint is already complete.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad --config file, key or value as one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    message = str(e).strip().strip('"').strip("'")
+    if isinstance(e, (KeyError, AttributeError)):
+      text = str(e).replace('\\', '')
+      names = re.findall(r"'([A-Za-z_][A-Za-z0-9_]*)'", text)
+      key = names[0] if names else text
+      given = [a for a in argv[1:] if a.startswith('--config.') and key in a] or [
+        a for a in argv[1:] if a.startswith('--config.')
+      ]
+      hint = re.search(r'Did you mean "([^"]+)"', text)
+      message = (
+        f'unknown config key {key!r} in {" ".join(given)}'
+        + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+        + '; `python -m aasp_jax.configuration CONFIG` prints every key.'
+      )
+    print(f'aasp-pretrain: {message}', file=sys.stderr)
     sys.exit(2)
 
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

@@ -1,9 +1,9 @@
 """AaSP ViT-B/16 pre-training (the paper's main model): one file for a TPU pod, 8 GPUs or a CPU.
 
 The settings are written against the global batch; only these overrides change between machines:
-  v5p-64 slice (32 chips, 8 hosts):
+  v5p-64 slice (32 chips, 8 hosts; `launch/tpu_vm.sh --data-bucket=BUCKET` mounts the data at /gcs):
     aasp-pretrain --config=configs/pretrain_base.py --workdir=gs://BUCKET/aasp_b16 \
-        --config.data.train='gs://BUCKET/shards/train-*.array_record' --config.global_batch=512 \
+        --config.data.train='/gcs/BUCKET/shards/clips-*.array_record' --config.global_batch=512 \
         --config.data.num_workers=8
   8x H100 (one host, or one process per GPU under SLURM):
     aasp-pretrain --config=configs/pretrain_base.py --workdir=/ckpt/aasp_b16 \

@@ -1,9 +1,9 @@
 """AaSP ViT-L/16 pre-training: the base recipe with a 24-block, 1024-wide encoder, per-block remat and
 FSDP, so the optimizer state is split across the data-parallel devices instead of replicated.
 
-  v5p-64 slice:
+  v5p-64 slice (data bucket mounted at /gcs/BUCKET by launch/tpu_vm.sh --data-bucket=BUCKET):
     aasp-pretrain --config=configs/pretrain_large.py --workdir=gs://BUCKET/aasp_l16 \
-        --config.data.train='gs://BUCKET/shards/train-*.array_record' --config.global_batch=512 \
+        --config.data.train='/gcs/BUCKET/shards/clips-*.array_record' --config.global_batch=512 \
         --config.data.num_workers=8
   8x H100:
     aasp-pretrain --config=configs/pretrain_large.py --workdir=/ckpt/aasp_l16 \

@@ -10,7 +10,9 @@
 #   setup    on every host: a Python PYTHON_VERSION virtualenv REMOTE_DIR/.venv (made with uv,
 #            since TPU VM images ship an older Python) and pip install -e '.[tpu]'
 #   run      on every host, in the background: aasp-pretrain --config=CONFIG --workdir=WORKDIR
-#            --distributed=on TRAINER_ARGS..., output to REMOTE_DIR/runs/RUN_NAME.log
+#            --distributed=on TRAINER_ARGS..., output to REMOTE_DIR/runs/RUN_NAME.log; with
+#            DATA_BUCKET, first mount that bucket read-only at /gcs/DATA_BUCKET on every host with
+#            Cloud Storage FUSE (gcsfuse, installed from Google's apt repository if missing)
 #   logs     follow worker 0's log
 #   stop     stop the trainer started by `run` on every host
 #   delete   delete the slice (gcloud asks for confirmation)
@@ -26,6 +28,8 @@
 #                                          v2-alpha-tpuv5, v4 tpu-ubuntu2204-base)
 #   SPOT              --spot               1: a Spot slice, cheaper and preemptible (default 0)
 #   BUCKET            --bucket=            GCS bucket, no gs:// (required by run without WORKDIR)
+#   DATA_BUCKET       --data-bucket=       bucket of the training data, no gs://; `run` mounts it
+#                                          at /gcs/DATA_BUCKET on every host (default: unset)
 #   RUN_NAME          --run-name=          names the workdir and the log (default TPU_NAME)
 #   WORKDIR           --workdir=           checkpoints and logs (default gs://BUCKET/aasp/RUN_NAME);
 #                                          every host must see it, so on a pod it is on GCS
@@ -38,12 +42,15 @@
 #   DRY_RUN           --dry-run            1: print every command, one per line, run nothing
 #
 # TRAINER_ARGS after `--` go to aasp-pretrain unchanged, e.g.
-#   -- --config.global_batch=512 --config.data.train='gs://BUCKET/shards/train-*.array_record'
+#   -- --config.global_batch=512 --config.data.train='/gcs/DATA_BUCKET/shards/clips-*.array_record'
+# The trainer reads data through the file system, so data paths name the mount (/gcs/...), never
+# gs://; the workdir stays gs://BUCKET/... (checkpoints are written to GCS directly).
 # After a preemption, run the same command again: the trainer resumes from the latest complete
 # checkpoint in WORKDIR (a deleted Spot slice needs `all` again).
 #
 # Example:
-#   launch/tpu_vm.sh all --name=aasp-v5p --zone=us-east5-a --bucket=my-bucket --spot --dry-run
+#   launch/tpu_vm.sh all --name=aasp-v5p --zone=us-east5-a --bucket=my-bucket --spot --dry-run \
+#       --data-bucket=my-data -- --config.data.train='/gcs/my-data/shards/clips-*.array_record'
 set -euo pipefail
 
 LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -58,6 +65,7 @@ ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v5p-64}
 RUNTIME_VERSION=${RUNTIME_VERSION:-}
 SPOT=${SPOT:-0}
 BUCKET=${BUCKET:-}
+DATA_BUCKET=${DATA_BUCKET:-}
 RUN_NAME=${RUN_NAME:-}
 WORKDIR=${WORKDIR:-}
 CONFIG=${CONFIG:-configs/pretrain_base.py}
@@ -90,6 +98,7 @@ while (($#)); do
     --accelerator-type) ACCELERATOR_TYPE=$VALUE ;;
     --version) RUNTIME_VERSION=$VALUE ;;
     --bucket) BUCKET=$VALUE ;;
+    --data-bucket) DATA_BUCKET=$VALUE ;;
     --run-name) RUN_NAME=$VALUE ;;
     --workdir) WORKDIR=$VALUE ;;
     --config) CONFIG=$VALUE ;;
@@ -118,6 +127,11 @@ case " ${COMMANDS[*]} " in
     fi
     ;;
 esac
+DATA_BUCKET=${DATA_BUCKET#gs://}
+DATA_BUCKET=${DATA_BUCKET%%/*}
+if [[ -n "$DATA_BUCKET" && ! "$DATA_BUCKET" =~ ^[a-z0-9][a-z0-9._-]*$ ]]; then
+  die "--data-bucket (DATA_BUCKET) must be a bucket name, got '$DATA_BUCKET'"
+fi
 if [[ -z "$RUNTIME_VERSION" ]]; then
   case "$ACCELERATOR_TYPE" in
     v6e-*) RUNTIME_VERSION=v2-alpha-tpuv6e ;;
@@ -171,8 +185,23 @@ do_setup() {
 && python3 -m uv pip install --python .venv/bin/python -e '.[tpu]'"
 }
 
+# mount_data: a remote command that mounts DATA_BUCKET read-only at /gcs/DATA_BUCKET unless it is
+# mounted already, installing gcsfuse first where it is missing (TPU VM images are Ubuntu).
+mount_data() {
+  local dir bucket keyring=/usr/share/keyrings/cloud.google.asc
+  dir=$(quote "/gcs/$DATA_BUCKET")
+  bucket=$(quote "$DATA_BUCKET")
+  printf '%s' "{ mountpoint -q $dir || { { command -v gcsfuse > /dev/null || { \
+curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee $keyring > /dev/null \
+&& echo \"deb [signed-by=$keyring] https://packages.cloud.google.com/apt \
+gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list > /dev/null \
+&& sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; }; } \
+&& sudo mkdir -p $dir && sudo chown \$(id -u):\$(id -g) $dir \
+&& gcsfuse -o ro --implicit-dirs $bucket $dir; }; }"
+}
+
 do_run() {
-  local trainer
+  local trainer mount=''
   # `on`, not `auto`: every TPU VM, one host or many, is a cluster that jax.distributed detects
   # from the metadata server, while a gcloud ssh session may lack the environment variables that
   # the trainer's `auto` looks at.
@@ -180,7 +209,8 @@ do_run() {
     --distributed=on ${TRAINER_ARGS[@]+"${TRAINER_ARGS[@]}"})
   # nohup with every stream redirected lets ssh return while training goes on; $! is the trainer
   # itself (the braces keep `&` from backgrounding the whole && list), which `stop` kills.
-  on_hosts all "cd $RDIR && mkdir -p runs && { nohup $trainer > $LOG 2>&1 < /dev/null & \
+  [[ -z "$DATA_BUCKET" ]] || mount="$(mount_data) && "
+  on_hosts all "${mount}cd $RDIR && mkdir -p runs && { nohup $trainer > $LOG 2>&1 < /dev/null & \
 echo \$! > $PIDFILE; }"
 }
 

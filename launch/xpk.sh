@@ -5,10 +5,14 @@
 #
 # Commands (several run in the order given, e.g. `cluster-create run`):
 #   cluster-create  xpk cluster create: NUM_SLICES slices of TPU_TYPE (Spot with --spot, a
-#                   reservation with RESERVATION, on-demand otherwise)
+#                   reservation with RESERVATION, on-demand otherwise); with DATA_BUCKET also the
+#                   Cloud Storage FUSE CSI driver (--enable-gcsfuse-csi-driver)
+#   storage-attach  xpk storage attach: DATA_BUCKET as a read-only Cloud Storage FUSE volume
+#                   aasp-data-DATA_BUCKET mounted at /gcs/DATA_BUCKET (once per cluster)
 #   run             xpk workload create: every host of every slice runs aasp-pretrain
 #                   --config=CONFIG --workdir=WORKDIR --distributed=auto TRAINER_ARGS...
-#                   (with BASE_DOCKER_IMAGE it first installs the package: pip install -e '.[tpu]')
+#                   (with BASE_DOCKER_IMAGE it first installs the package: pip install -e '.[tpu]');
+#                   with DATA_BUCKET the workload mounts the attached volume (--storage=)
 #   delete          xpk workload delete WORKLOAD
 #   cluster-delete  xpk cluster delete
 #
@@ -24,6 +28,8 @@
 #   WORKLOAD           --workload=           workload name, lower case, digits and '-' (required by
 #                                            run and delete)
 #   BUCKET             --bucket=             GCS bucket, no gs:// (required by run without WORKDIR)
+#   DATA_BUCKET        --data-bucket=        bucket of the training data, no gs://, read through
+#                                            Cloud Storage FUSE at /gcs/DATA_BUCKET (default: unset)
 #   WORKDIR            --workdir=            checkpoints and logs (default
 #                                            gs://BUCKET/aasp/WORKLOAD)
 #   CONFIG             --config=             config file[:arg] (default configs/pretrain_base.py)
@@ -39,11 +45,17 @@
 #   DRY_RUN            --dry-run             1: print every command, one per line, run nothing
 #
 # TRAINER_ARGS after `--` go to aasp-pretrain unchanged, e.g.
-#   -- --config.global_batch=512 --config.data.train='gs://BUCKET/shards/train-*.array_record'
+#   -- --config.global_batch=512 --config.data.train='/gcs/DATA_BUCKET/shards/clips-*.array_record'
+# The trainer reads data through the file system, so data paths name the mount (/gcs/...), never
+# gs://; the workdir stays gs://BUCKET/... (checkpoints are written to GCS directly). The
+# workload's service account must be allowed to read DATA_BUCKET (roles/storage.objectViewer).
 #
 # Example:
 #   launch/xpk.sh run --cluster=aasp --zone=us-east5-a --workload=aasp-b16 --bucket=my-bucket \
 #       --dry-run
+#   launch/xpk.sh cluster-create storage-attach run --cluster=aasp --zone=us-east5-a \
+#       --workload=aasp-b16 --bucket=my-bucket --data-bucket=my-data --dry-run -- \
+#       --config.data.train='/gcs/my-data/shards/clips-*.array_record'
 set -euo pipefail
 
 LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -60,6 +72,7 @@ SPOT=${SPOT:-0}
 RESERVATION=${RESERVATION:-}
 WORKLOAD=${WORKLOAD:-}
 BUCKET=${BUCKET:-}
+DATA_BUCKET=${DATA_BUCKET:-}
 WORKDIR=${WORKDIR:-}
 CONFIG=${CONFIG:-configs/pretrain_base.py}
 DOCKER_IMAGE=${DOCKER_IMAGE:-}
@@ -68,6 +81,7 @@ MAX_RESTARTS=${MAX_RESTARTS:-10}
 PRIORITY=${PRIORITY:-medium}
 DRY_RUN=${DRY_RUN:-0}
 
+COMMAND_NAMES='cluster-create, storage-attach, run, delete or cluster-delete'
 COMMANDS=()
 TRAINER_ARGS=()
 while (($#)); do
@@ -93,6 +107,7 @@ while (($#)); do
     --reservation) RESERVATION=$VALUE ;;
     --workload) WORKLOAD=$VALUE ;;
     --bucket) BUCKET=$VALUE ;;
+    --data-bucket) DATA_BUCKET=$VALUE ;;
     --workdir) WORKDIR=$VALUE ;;
     --config) CONFIG=$VALUE ;;
     --docker-image) DOCKER_IMAGE=$VALUE ;;
@@ -100,12 +115,12 @@ while (($#)); do
     --max-restarts) MAX_RESTARTS=$VALUE ;;
     --priority) PRIORITY=$VALUE ;;
     -*) die "unknown flag: $FLAG" ;;
-    cluster-create | run | delete | cluster-delete) COMMANDS+=("$FLAG") ;;
-    *) die "unknown command: $FLAG (cluster-create, run, delete or cluster-delete)" ;;
+    cluster-create | storage-attach | run | delete | cluster-delete) COMMANDS+=("$FLAG") ;;
+    *) die "unknown command: $FLAG ($COMMAND_NAMES)" ;;
   esac
 done
 
-((${#COMMANDS[@]})) || die 'no command given (cluster-create, run, delete or cluster-delete)'
+((${#COMMANDS[@]})) || die "no command given ($COMMAND_NAMES)"
 require "$CLUSTER" '--cluster (CLUSTER)'
 require "$ZONE" '--zone (ZONE)'
 [[ "$NUM_SLICES" =~ ^[1-9][0-9]*$ ]] || die "--num-slices (NUM_SLICES) must be a positive integer"
@@ -121,6 +136,17 @@ case " ${COMMANDS[*]} " in
     ;;
 esac
 
+DATA_BUCKET=${DATA_BUCKET#gs://}
+DATA_BUCKET=${DATA_BUCKET%%/*}
+if [[ -n "$DATA_BUCKET" && ! "$DATA_BUCKET" =~ ^[a-z0-9][a-z0-9._-]*$ ]]; then
+  die "--data-bucket (DATA_BUCKET) must be a bucket name, got '$DATA_BUCKET'"
+fi
+case " ${COMMANDS[*]} " in
+  *' storage-attach '*) require "$DATA_BUCKET" '--data-bucket (DATA_BUCKET)' ;;
+esac
+# The xpk storage name: a Kubernetes name, so the bucket's '.' and '_' become '-'.
+STORAGE="aasp-data-${DATA_BUCKET//[._]/-}"
+
 WHERE=(--cluster="$CLUSTER" --zone="$ZONE")
 [[ -z "$PROJECT" ]] || WHERE+=(--project="$PROJECT")
 
@@ -128,8 +154,15 @@ do_cluster_create() {
   local capacity=(--on-demand)
   [[ -z "$RESERVATION" ]] || capacity=(--reservation="$RESERVATION")
   [[ "$SPOT" != 1 ]] || capacity=(--spot)
+  [[ -z "$DATA_BUCKET" ]] || capacity+=(--enable-gcsfuse-csi-driver)
   run xpk cluster create "${WHERE[@]}" --tpu-type="$TPU_TYPE" --num-slices="$NUM_SLICES" \
     "${capacity[@]}"
+}
+
+do_storage_attach() {
+  # --size is the volume's nominal capacity, which Kubernetes requires and gcsfuse ignores.
+  run xpk storage attach "$STORAGE" "${WHERE[@]}" --type=gcsfuse --bucket="$DATA_BUCKET" \
+    --mount-point="/gcs/$DATA_BUCKET" --readonly=true --auto-mount=false --size=1
 }
 
 do_run() {
@@ -146,6 +179,7 @@ do_run() {
     image=(--base-docker-image="$BASE_DOCKER_IMAGE" --script-dir="$REPO_ROOT")
     trainer="python3 -m pip install --quiet --root-user-action=ignore -e '.[tpu]' && $trainer"
   fi
+  [[ -z "$DATA_BUCKET" ]] || image+=(--storage="$STORAGE")
   run xpk workload create "${WHERE[@]}" --workload="$WORKLOAD" --tpu-type="$TPU_TYPE" \
     --num-slices="$NUM_SLICES" --max-restarts="$MAX_RESTARTS" --priority="$PRIORITY" \
     "${image[@]}" --command "$trainer"

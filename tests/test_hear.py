@@ -100,3 +100,13 @@ def test_torch_tensors_round_trip(model, audio):
   assert isinstance(scene, torch.Tensor) and scene.dtype == torch.float32
   assert isinstance(emb, torch.Tensor) and isinstance(times, torch.Tensor)
   np.testing.assert_allclose(scene.numpy(), hear.get_scene_embeddings(audio, model), atol=1e-6)
+
+
+def test_torch_integer_audio_is_rejected_like_numpy(model, audio):
+  # An int16 tensor used to be cast to float without scaling: values up to 32767, silently.
+  torch = pytest.importorskip('torch')
+  pcm = torch.from_numpy((audio * 32767).astype(np.int16))
+  with pytest.raises(ValueError, match='torch.int16'):
+    hear.get_scene_embeddings(pcm, model)
+  with pytest.raises(ValueError, match='torch.int16'):
+    hear.get_timestamp_embeddings(pcm, model)

@@ -66,12 +66,12 @@ def fake_tool(directory, name, body):
 # Per script: the variables it documents, and flags and commands its --help must mention.
 HELP = {
   'tpu_vm.sh': (
-    'TPU_NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION SPOT BUCKET RUN_NAME WORKDIR CONFIG'
-    ' REMOTE_DIR PYTHON_VERSION GIT_URL GIT_REF DRY_RUN'
+    'TPU_NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION SPOT BUCKET DATA_BUCKET RUN_NAME'
+    ' WORKDIR CONFIG REMOTE_DIR PYTHON_VERSION GIT_URL GIT_REF DRY_RUN'
   ).split(),
   'xpk.sh': (
-    'CLUSTER ZONE PROJECT TPU_TYPE NUM_SLICES SPOT RESERVATION WORKLOAD BUCKET WORKDIR CONFIG'
-    ' DOCKER_IMAGE BASE_DOCKER_IMAGE MAX_RESTARTS PRIORITY DRY_RUN'
+    'CLUSTER ZONE PROJECT TPU_TYPE NUM_SLICES SPOT RESERVATION WORKLOAD BUCKET DATA_BUCKET WORKDIR'
+    ' CONFIG DOCKER_IMAGE BASE_DOCKER_IMAGE MAX_RESTARTS PRIORITY DRY_RUN'
   ).split(),
   'slurm_gpu.sh': (
     'WORKDIR CONFIG NODES GPUS_PER_NODE CPUS_PER_GPU PARTITION ACCOUNT TIME_LIMIT JOB_NAME MODE'
@@ -80,12 +80,12 @@ HELP = {
 }
 HELP_FLAGS = {
   'tpu_vm.sh': (
-    '--name= --zone= --accelerator-type= --version= --spot --bucket= --dry-run'
+    '--name= --zone= --accelerator-type= --version= --spot --bucket= --data-bucket= --dry-run'
     ' create copy setup run logs stop delete all'
   ).split(),
   'xpk.sh': (
-    '--cluster= --tpu-type= --num-slices= --docker-image= --base-docker-image='
-    ' cluster-create run delete cluster-delete'
+    '--cluster= --tpu-type= --num-slices= --docker-image= --base-docker-image= --data-bucket='
+    ' cluster-create storage-attach run delete cluster-delete'
   ).split(),
   'slurm_gpu.sh': (
     '--workdir= --nodes= --gpus-per-node= --partition= --time= --per-node --explicit-coordinator'
@@ -122,6 +122,9 @@ def test_help_documents_every_variable(script):
     ('xpk.sh', ['run', '--zone=z', '--workload=w', '--bucket=b'], '--cluster'),
     ('xpk.sh', ['run', '--cluster=c', '--zone=z', '--bucket=b'], '--workload'),
     ('xpk.sh', ['run', '--cluster=c', '--zone=z', '--workload=w'], '--bucket'),
+    ('xpk.sh', ['storage-attach', '--cluster=c', '--zone=z'], '--data-bucket'),
+    ('xpk.sh', ['storage-attach', '--cluster=c', '--zone=z', '--data-bucket=B!'], '--data-bucket'),
+    ('tpu_vm.sh', ['run', '--name=n', '--zone=z', '--bucket=b', '--data-bucket=a b'], 'bucket'),
     ('slurm_gpu.sh', [], '--workdir'),
     ('slurm_gpu.sh', ['--workdir=/w', '--nodes=zero'], '--nodes'),
     ('slurm_gpu.sh', ['--workdir=/w', '--nodes'], '--nodes=VALUE'),
@@ -243,6 +246,59 @@ def test_tpu_vm_other_commands():
   assert 'fetch --quiet origin v1' in remote
 
 
+def _mount_stand_ins(directory, have_gcsfuse):
+  """Stand-ins for the tools the remote mount uses; each records its arguments in `calls`."""
+  calls = os.path.join(directory, 'calls')
+  record = f'echo "$(basename "$0") $*" >> {calls}'
+  fake_tool(directory, 'mountpoint', record + '\nexit 1')  # not mounted yet
+  for tool in ('sudo', 'curl', 'lsb_release'):
+    fake_tool(directory, tool, record + ('\necho jammy' if tool == 'lsb_release' else ''))
+  if have_gcsfuse:
+    fake_tool(directory, 'gcsfuse', record)
+  return calls
+
+
+@pytest.mark.parametrize('have_gcsfuse', [True, False])
+def test_tpu_vm_run_mounts_the_data_bucket_before_training(tmp_path, have_gcsfuse):
+  """Executes the `run` command with stand-ins for mountpoint, sudo, gcsfuse, curl: the bucket is
+  mounted read-only at /gcs/BUCKET (gcsfuse installed first where missing), then training starts
+  with its arguments intact."""
+  (ssh,) = lines_of(
+    sh('tpu_vm.sh', 'run', '--name=t', '--zone=z', '--run-name=r1', '--bucket=bkt',
+       '--data-bucket=gs://my-data', '--dry-run', '--', TRICKY)
+  )  # fmt: skip
+  tools = tmp_path / 'tools'
+  tools.mkdir()
+  calls = _mount_stand_ins(str(tools), have_gcsfuse)
+  fake_bin = tmp_path / 'aasp-jax' / '.venv' / 'bin'
+  fake_bin.mkdir(parents=True)
+  fake_tool(str(fake_bin), 'aasp-pretrain', 'printf "%s\\n" "$@"')
+  # Without gcsfuse on PATH, the install runs through the stand-in sudo, which installs nothing;
+  # the mount then fails, and training must not start.
+  env = {'PATH': f'{tools}:/usr/bin:/bin', 'HOME': str(tmp_path)}
+  ran = subprocess.run(
+    ['bash', '-c', flag(ssh, '--command')], cwd=tmp_path, env=env, capture_output=True, timeout=10
+  )
+  recorded = open(calls).read().splitlines()
+  assert recorded[0] == 'mountpoint -q /gcs/my-data'
+  log = tmp_path / 'aasp-jax' / 'runs' / 'r1.log'
+  if have_gcsfuse:
+    assert ran.returncode == 0, ran.stderr
+    assert recorded[1:] == [
+      'sudo mkdir -p /gcs/my-data',
+      f'sudo chown {os.getuid()}:{os.getgid()} /gcs/my-data',
+      'gcsfuse -o ro --implicit-dirs my-data /gcs/my-data',
+    ]
+    deadline = time.monotonic() + 10  # the trainer runs in the background
+    while not (log.exists() and TRICKY in log.read_text()) and time.monotonic() < deadline:
+      time.sleep(0.02)
+    assert log.read_text().splitlines()[-1] == TRICKY
+  else:
+    assert any(c.startswith('curl ') for c in recorded)
+    assert any('apt-get install -y -qq gcsfuse' in c for c in recorded)
+    assert ran.returncode != 0 and not log.exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # xpk.sh
 
@@ -290,6 +346,22 @@ def test_xpk_dry_run():
   )
   assert delete[:3] == ['xpk', 'workload', 'delete'] and flag(delete, '--workload') == 'aasp-b16'
   assert cluster_delete[:3] == ['xpk', 'cluster', 'delete']
+  assert '--enable-gcsfuse-csi-driver' not in cluster_create
+  assert not any(a.startswith('--storage') for a in workload)
+
+
+def test_xpk_data_bucket_is_attached_and_mounted():
+  out = lines_of(
+    sh('xpk.sh', 'cluster-create', 'storage-attach', 'run', '--cluster=c', '--zone=z',
+       '--workload=w', '--bucket=b', '--data-bucket=gs://my.data', '--dry-run')
+  )  # fmt: skip
+  cluster_create, attach, workload = out
+  assert '--enable-gcsfuse-csi-driver' in cluster_create
+  assert attach[:4] == ['xpk', 'storage', 'attach', 'aasp-data-my-data']
+  assert flag(attach, '--type') == 'gcsfuse' and flag(attach, '--bucket') == 'my.data'
+  assert flag(attach, '--mount-point') == '/gcs/my.data' and flag(attach, '--readonly') == 'true'
+  assert flag(attach, '--cluster') == 'c' and flag(attach, '--zone') == 'z'
+  assert flag(workload, '--storage') == 'aasp-data-my-data'
 
 
 def test_xpk_docker_image_command_reaches_the_trainer_intact(tmp_path):

@@ -252,5 +252,5 @@ def test_an_unfinished_pack_is_refused(tmp_path):
   out = str(tmp_path / 'pack')
   pack.pack(pack.PackConfig(source=folder, out_dir=out, num_shards=1), progress=False)
   os.remove(os.path.join(out, pack.REPORT_FILE))
-  with pytest.raises(pack.PackError, match='not a finished pack'):
+  with pytest.raises(sources.DataError, match='not a finished pack'):
     pipeline.make_dataset(out, options(), 0, 1)

@@ -3,8 +3,11 @@
   aasp-data pack SOURCE OUT_DIR --shards 64 --workers 16 --codec flac
   aasp-data stats SOURCE --num_clips 2000 --out stats.json
 
-SOURCE is a folder of audio (scanned recursively), a CSV / JSON Lines manifest, or (for `stats`) a
-folder written by `pack`. An interrupted `pack` resumes when the same command is run again.
+SOURCE is a folder of audio (scanned recursively, symlinked folders included) or a CSV / JSON Lines
+manifest (relative paths resolve against the manifest's folder); `stats` also takes what training
+takes: a folder written by `pack`, a shard glob, or a comma-separated list. An interrupted `pack`
+resumes when the same command is run again; a pack that holds no clip at all exits with status 1,
+naming the skip reasons.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--no_progress', action='store_true', help='no progress bar')
 
   s = sub.add_parser('stats', help='mean and std of the raw log-mel, for the front-end preset')
-  s.add_argument('source', help='folder of audio, a manifest, or a pack folder')
+  s.add_argument('source', help='folder of audio, a manifest, a pack folder or a shard glob')
   s.add_argument('--num_clips', type=int, default=1000, help='clips to use, drawn at random')
   s.add_argument('--preset', default='eat_audiomae', help='front-end preset name')
   s.add_argument('--seed', type=int, default=0, help='seed of the random choice of clips')

@@ -13,9 +13,11 @@ a file by seeking, so a 10 s window of a 2-hour file decodes 10 s, not 2 hours.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import logging
 import os
+import stat
 from typing import Mapping, NamedTuple
 
 import librosa
@@ -41,11 +43,12 @@ DEFAULT_SILENCE_RMS = 1e-5
 _ADVICE = {
   'missing': 'check the path (manifest paths are relative to the manifest folder) or drop it',
   'empty': 'the file holds no audio in the requested range; drop it or fix its start/end',
-  'unreadable': 'the file is not audio libsndfile can decode or is corrupt; re-encode it (FLAC or '
-  'WAV) or drop it',
+  'unreadable': 'the file cannot be opened (permissions, a symlink loop) or is not audio '
+  'libsndfile can decode; fix it, re-encode it (FLAC or WAV) or drop it',
   'non_finite': 'the file holds NaN or Inf samples; re-export it from its source or drop it',
   'silent': 'the clip is digital silence; drop it, or lower silence_rms if it is just very quiet',
-  'too_short': 'the clip is shorter than one 16-frame patch; drop it, or lower min_samples',
+  'too_short': 'the clip is shorter than min_samples (by default one 16-frame patch); drop it, or '
+  'lower min_samples',
 }
 
 # Rate pairs already announced at INFO level in this process; later clips log at DEBUG, so a data
@@ -293,13 +296,32 @@ def _check_window(start: float | None, end: float | None) -> None:
 
 
 def _check_file(path: str) -> None:
-  """'missing' and 'empty' are told apart from 'unreadable' before libsndfile is asked."""
-  if not os.path.exists(path):
-    raise ClipSkipped('missing', path, 'no such file')
-  if os.path.isdir(path):
+  """'missing' and 'empty' are told apart from 'unreadable' before libsndfile is asked, and so are
+  a broken link, a symlink loop and a permission problem (libsndfile says only 'System error.')."""
+  try:
+    st = os.stat(path)
+  except FileNotFoundError:
+    if os.path.islink(path):
+      raise ClipSkipped('missing', path, f'broken symlink to {os.readlink(path)!r}') from None
+    raise ClipSkipped('missing', path, 'no such file') from None
+  except OSError as e:
+    raise ClipSkipped('unreadable', path, _os_error(e)) from None
+  if stat.S_ISDIR(st.st_mode):
     raise ClipSkipped('unreadable', path, 'is a directory, not an audio file')
-  if os.path.getsize(path) == 0:
+  if st.st_size == 0:
     raise ClipSkipped('empty', path, '0 bytes')
+  try:
+    os.close(os.open(path, os.O_RDONLY))
+  except OSError as e:
+    raise ClipSkipped('unreadable', path, _os_error(e)) from None
+
+
+def _os_error(e: OSError) -> str:
+  if e.errno == errno.ELOOP:
+    return 'symlink loop (too many levels of symbolic links)'
+  if e.errno in (errno.EACCES, errno.EPERM):
+    return 'permission denied'
+  return f'{type(e).__name__}: {e.strerror or e}'
 
 
 def _decoder_message(e: BaseException) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -74,31 +75,57 @@ class Entry:
 
 
 def scan_folder(
-  root: str | os.PathLike, ignored: MutableMapping[str, int] | None = None
+  root: str | os.PathLike,
+  ignored: MutableMapping[str, int] | None = None,
+  *,
+  unreadable: list[str] | None = None,
 ) -> list[Entry]:
   """Every audio file under `root` (recursively), sorted by relative path.
 
-  Hidden files and folders (names starting with '.') are not visited. Files whose extension is not
-  in AUDIO_EXTENSIONS are ignored but counted: the count is logged as a warning and, when `ignored`
-  is given, added to it per extension ('' for none).
+  Symlinked folders are followed, except a link back to a folder being scanned (a loop), which is
+  logged and not entered. Hidden files and folders (names starting with '.') are not visited.
+  Files whose extension is not in AUDIO_EXTENSIONS are ignored but counted: the count is logged as
+  a warning and, when `ignored` is given, added to it per extension ('' for none). A subfolder
+  that cannot be listed (permission denied, ...) is logged as a warning and, when `unreadable` is
+  given, appended to it as 'path: reason'. A file that cannot be examined (a broken link, a link
+  loop) is listed by its extension like any file; loading it then names the problem.
 
   Raises:
     NotADirectoryError: if `root` is not a folder.
+    OSError: if `root` itself cannot be listed.
   """
   root = os.path.abspath(os.fspath(root))
   if not os.path.isdir(root):
     raise NotADirectoryError(f'not a folder: {root}')
   counts: dict[str, int] = {}
   relpaths = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    # Pruning in place keeps os.walk out of hidden folders (.git, .cache, ...).
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-    for name in filenames:
-      if name.startswith('.'):
+  problems: list[str] = []
+  loops: list[str] = []
+  # Each folder to visit, with the real paths of the folders above it (to recognise a loop).
+  stack = [(root, (os.path.realpath(root),))]
+  while stack:
+    folder, ancestors = stack.pop()
+    try:
+      with os.scandir(folder) as it:
+        items = sorted(it, key=lambda d: d.name)
+    except OSError as e:
+      if folder == root:
+        raise
+      problems.append(f'{folder}: {_os_reason(e)}')
+      continue
+    for item in items:
+      if item.name.startswith('.'):
         continue
-      ext = os.path.splitext(name)[1].lower()
+      if _is_dir(item):  # follows symlinks
+        real = os.path.realpath(item.path)
+        if real in ancestors:
+          loops.append(f'{item.path} -> {real}')
+          continue
+        stack.append((item.path, ancestors + (real,)))
+        continue
+      ext = os.path.splitext(item.name)[1].lower()
       if ext in AUDIO_EXTENSIONS:
-        relpaths.append(os.path.relpath(os.path.join(dirpath, name), root))
+        relpaths.append(os.path.relpath(item.path, root))
       else:
         counts[ext] = counts.get(ext, 0) + 1
   if counts:
@@ -108,12 +135,44 @@ def scan_folder(
       root,
       ', '.join(f'{ext or "(no extension)"}: {n}' for ext, n in sorted(counts.items())),
     )
+  if problems:
+    _logger.warning(
+      'could not list %d subfolder(s) under %s; their files are not included: %s',
+      len(problems),
+      root,
+      '; '.join(problems[:5]) + (' ...' if len(problems) > 5 else ''),
+    )
+  if loops:
+    _logger.warning(
+      'not following %d symlinked folder(s) under %s that lead back to a folder above them '
+      '(symlink loops): %s',
+      len(loops),
+      root,
+      '; '.join(loops[:5]) + (' ...' if len(loops) > 5 else ''),
+    )
   if ignored is not None:
     for ext, n in counts.items():
       ignored[ext] = ignored.get(ext, 0) + n
+  if unreadable is not None:
+    unreadable.extend(problems)
   # Sorting on the '/'-joined path makes the order the same on every OS and file system.
   keyed = sorted((p.replace(os.sep, '/'), p) for p in relpaths)
   return [Entry(path=os.path.join(root, p), clip_id=key) for key, p in keyed]
+
+
+def _is_dir(item: os.DirEntry) -> bool:
+  try:
+    return item.is_dir()  # follows symlinks; a broken link or a loop is not a folder
+  except OSError:
+    return False
+
+
+def _os_reason(e: OSError) -> str:
+  if e.errno in (errno.EACCES, errno.EPERM):
+    return 'permission denied'
+  if e.errno == errno.ELOOP:
+    return 'symlink loop'
+  return e.strerror or str(e)
 
 
 def read_manifest(path: str | os.PathLike) -> list[Entry]:
@@ -152,11 +211,15 @@ def read_manifest(path: str | os.PathLike) -> list[Entry]:
 
 
 def read_entries(
-  path_or_folder: str | os.PathLike, ignored: MutableMapping[str, int] | None = None
+  path_or_folder: str | os.PathLike,
+  ignored: MutableMapping[str, int] | None = None,
+  *,
+  unreadable: list[str] | None = None,
 ) -> list[Entry]:
-  """A folder is scanned (`scan_folder`, passing `ignored`); a file is read as a manifest."""
+  """A folder is scanned (`scan_folder`, passing `ignored` and `unreadable`); a file is read as a
+  manifest."""
   if os.path.isdir(path_or_folder):
-    return scan_folder(path_or_folder, ignored)
+    return scan_folder(path_or_folder, ignored, unreadable=unreadable)
   return read_manifest(path_or_folder)
 
 

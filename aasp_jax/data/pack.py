@@ -182,14 +182,27 @@ def pack(
     The report also written to `pack_report.json`.
 
   Raises:
-    PackError: if the source is empty or out_dir holds a different pack.
+    PackError: if the source is missing or empty, out_dir holds a different pack, or no entry
+      could be packed (the pack and its report are written first, naming every skipped file).
     clips.ClipSkipped: in strict mode, for the first clip that would be skipped.
   """
   t0 = time.perf_counter()
   ignored: dict[str, int] = {}
-  entries = manifest.read_entries(config.source, ignored)
+  unreadable: list[str] = []
+  if not os.path.exists(config.source):
+    raise PackError(
+      f'{config.source} does not exist; give a folder of audio or a .csv/.tsv/.jsonl manifest'
+    )
+  try:
+    entries = manifest.read_entries(config.source, ignored, unreadable=unreadable)
+  except PermissionError:
+    raise PackError(f'{config.source}: permission denied; fix its permissions') from None
   if not entries:
-    raise PackError(f'no audio entries in {config.source} (ignored non-audio files: {ignored})')
+    raise PackError(
+      f'no audio entries in {config.source} (ignored non-audio files: {ignored}'
+      + (f'; unreadable subfolders: {unreadable}' if unreadable else '')
+      + ')'
+    )
   out_dir = config.out_dir
   fingerprint = _fingerprint(config, entries)
   _claim_out_dir(out_dir, fingerprint)
@@ -211,10 +224,38 @@ def pack(
           on_shard_done(s)
 
   report = _finish(out_dir, config, entries, ignored, fingerprint)
+  report['unreadable_folders'] = unreadable
   report['wall_seconds'] = round(time.perf_counter() - t0, 3)
   report['shards_reused'] = reused
   _write_json(os.path.join(out_dir, REPORT_FILE), report)
+  if report['packed'] == 0:
+    raise PackError(_nothing_packed(report, config))
   return report
+
+
+def _nothing_packed(report: dict[str, Any], config: PackConfig) -> str:
+  """Why a pack holds no record: the skip counts, the first skipped file, and a hint for
+  manifest paths written relative to the current directory instead of the manifest's folder."""
+  skipped = ', '.join(f'{k} {v}' for k, v in report['skipped'].items() if v)
+  with open(os.path.join(report['out_dir'], SKIPPED_FILE), newline='') as f:
+    first = next(csv.DictReader(f), None)
+  example = ''
+  if first is not None:
+    detail = ' '.join(first['detail'].split())
+    example = f'; e.g. {first["path"]}: {first["reason"]} ({detail})'
+    if first['reason'] == 'missing' and os.path.isfile(config.source):
+      root = os.path.dirname(os.path.abspath(config.source))
+      relative = os.path.relpath(first['path'], root)
+      if os.path.exists(relative):
+        example += (
+          f'; {relative} exists relative to the current folder, but manifest paths resolve '
+          f'against the manifest\'s folder {root}: write them relative to it, or absolute'
+        )
+  return (
+    f'packed 0 of {report["entries_in"]} entries (skipped: {skipped}{example}); every skipped '
+    f'file and why is in {os.path.join(report["out_dir"], SKIPPED_FILE)}; fix the source and '
+    'pack into a new folder'
+  )
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -233,6 +274,11 @@ def format_summary(report: dict[str, Any]) -> str:
   ]
   if report.get('ignored_non_audio'):
     lines.append(f'ignored non-audio files by extension: {report["ignored_non_audio"]}')
+  if report.get('unreadable_folders'):
+    lines.append(
+      f'{len(report["unreadable_folders"])} subfolder(s) could not be listed and were not packed: '
+      + '; '.join(report['unreadable_folders'])
+    )
   return '\n'.join(lines)
 
 

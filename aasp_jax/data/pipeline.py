@@ -1,29 +1,44 @@
 """The grain input pipeline: a source of clips to per-host batches and global `jax.Array`s.
 
   source -> shuffle (reshuffled every epoch) -> repeat
-  -> decode + validate + crop/pad (+ host log-mel), seeded per global position
+  -> usable clip at each global position: decode + validate + crop/pad (+ host log-mel)
   -> shard by JAX process (host p takes rows [p*b, (p+1)*b) of every global batch of P*b clips)
-  -> to_iter_dataset -> batch with skip accounting -> worker-process prefetch
+  -> batch -> start at global batch `start_batch` -> to_iter_dataset -> worker-process prefetch
   -> make_array_from_process_local_data
 
-Because crops are seeded by the global position and hosts take contiguous rows of each global batch,
-the global batch is the same for any number of processes: a run on 2 hosts x 4 devices trains on
-exactly the batches of a run on 1 host x 8 devices (as long as no clip is skipped; a skipped clip is
-replaced by the host's next one).
+The training stream (`num_epochs=None`) does not depend on the number of processes. Position i of
+the infinite, repeated, per-epoch-shuffled stream (epoch e = i // N, slot j = i % N of N clips)
+resolves to the first usable clip of a fixed candidate sequence: slots j, j + s, j + 2s, ... (mod N)
+of the same epoch, with a stride s coprime to N near 0.618 N, so a replacement comes from elsewhere
+in the epoch and every clip of the epoch is tried once before giving up. Try t of position i draws
+its crop from a generator seeded with (seed, i, t). Each host resolves only its own rows, and the
+global batch k is the same for any number of processes (and workers): a run on 2 hosts x 4 devices
+trains on exactly the batches of a run on 1 host x 8 devices, skipped clips included, and
+`start_batch=k` starts any of them at global batch k. When all N candidates of a position fail, no
+usable clip exists and the stream raises `DataError` (naming the source, the per-reason counts and
+one file with its reason) instead of spinning.
 
-Nothing is lost silently: a clip that cannot be used becomes a skip marker instead of an example, the
-batcher counts markers per reason, and every batch carries `skipped` (counts since the previous batch
-of the same worker). Summed over batches they give the exact number of clips skipped upstream of the
-batches consumed, also with several worker processes. A finite stream ends with one host-only batch
-({'skipped', 'unbatched'}) when skips or an incomplete batch remain after the last full batch, so
-even the tail is accounted for. `strict=True` raises on the first bad clip
-with its file name instead.
+Nothing is lost silently. Each example carries the skips its position ran into, and every batch
+carries `skipped` (per-reason counts, `clips.SKIP_REASONS` order): the skips of that batch's rows.
+Summed over the hosts' batches they are the same for any number of processes. `strict=True`
+raises on the first bad clip with its file name instead.
 
-The iterator's state (`get_state` / `set_state`, JSON-serialisable) restores the exact stream.
+Finite streams (`num_epochs` set: evaluation, one pass over a set) never replace a clip, since a
+replacement would show a clip twice: a bad clip becomes a skip marker that the batcher counts and
+drops, so the hosts' batches depend on the process count there. The stream ends with one host-only
+batch ({'skipped', 'unbatched'}) when skips or an incomplete batch remain after the last full
+batch, so even the tail is accounted for.
+
+The iterator's state (`get_state` / `set_state`, JSON-serialisable) restores the exact stream for
+the same `start_batch` and process count; `start_batch` alone restores it for any process count.
+`check_source` opens a spec exactly as `make_dataset` does and fails in one line, within a time
+bound, when it is missing, unreadable, empty or holds no usable clip.
 """
 
 import dataclasses
 import logging
+import math
+import time
 from collections.abc import Sequence
 
 import grain
@@ -34,8 +49,9 @@ import soundfile as sf
 from aasp_jax.audio import fbank_host
 from aasp_jax.audio import presets as presets_lib
 from aasp_jax.data import clips, records, sources
+from aasp_jax.data.sources import DataError
 
-SKIP_KEY = '_skipped_reason'
+SKIPS_KEY = '_skips'  # per-example skip counts; summed into the batch's `skipped`
 HOST_FIELDS = ('skipped', 'unbatched')  # per-host bookkeeping, never sent to devices
 
 
@@ -88,8 +104,13 @@ def crop_or_pad(wave: np.ndarray, length: int, offset: int) -> tuple[np.ndarray,
   return out, len(piece)
 
 
-class LoadClip(grain.transforms.RandomMap):
-  """Decodes, validates and crops one element; returns an example or a skip marker."""
+class LoadClip:
+  """Decodes, validates and crops one element: `load(element, rng)` -> example.
+
+  Raises:
+    clips.ClipSkipped: the clip cannot be used (one of clips.SKIP_REASONS).
+    DataError: a packed record's sample rate differs from the front end's (a re-pack is needed).
+  """
 
   def __init__(self, options: PipelineOptions):
     self.options = options
@@ -122,29 +143,38 @@ class LoadClip(grain.transforms.RandomMap):
       multi_hot[self._label_index[name]] = 1.0
     return multi_hot
 
-  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    o = self.options
-    sr = o.preset.sample_rate
+  def _record(self, element: dict) -> tuple[np.ndarray, Sequence[str], str]:
+    sr = self.options.preset.sample_rate
     try:
-      if 'record' in element:
-        rec = records.decode_record(element['record'])
-        wave, labels, where = rec['waveform'], rec['labels'], f'record {rec["id"]!r}'
-        if rec['sample_rate'] != sr:
-          raise ValueError(
-            f'{where} was packed at {rec["sample_rate"]} Hz but the front end needs {sr} Hz; '
-            're-pack with --sample_rate.'
-          )
-        clips.validate_waveform(wave, where, min_samples=o.min_samples, silence_rms=o.silence_rms)
-      else:
-        start, end = self._window(element, rng)
-        wave, _ = clips.load_clip(
-          element['path'], sr, start, end, min_samples=o.min_samples, silence_rms=o.silence_rms
-        )
-        labels, where = element['labels'], element['path']
-    except clips.ClipSkipped as e:
-      if o.strict:
-        raise
-      return {SKIP_KEY: e.reason}
+      rec = records.decode_record(element['record'])
+    except ValueError as e:  # a corrupt record is the data's fault: skip it like a bad file
+      where = f'record {element["index"]} of {element.get("where", "the pack")}'
+      raise clips.ClipSkipped('unreadable', where, ' '.join(str(e).split())) from None
+    where = f'record {rec["id"]!r}'
+    if rec['sample_rate'] != sr:
+      pack_name = element.get('where', 'the pack')
+      raise DataError(
+        f'{pack_name}: {where} was packed at {rec["sample_rate"]} Hz but the front end needs '
+        f'{sr} Hz; re-pack with --sample_rate {sr}.'
+      )
+    return rec['waveform'], rec['labels'], where
+
+  def __call__(self, element: dict, rng: np.random.Generator) -> dict:
+    o = self.options
+    if 'record' in element:
+      wave, labels, where = self._record(element)
+      clips.validate_waveform(wave, where, min_samples=o.min_samples, silence_rms=o.silence_rms)
+    else:
+      start, end = self._window(element, rng)
+      wave, _ = clips.load_clip(
+        element['path'],
+        o.preset.sample_rate,
+        start,
+        end,
+        min_samples=o.min_samples,
+        silence_rms=o.silence_rms,
+      )
+      labels, where = element['labels'], element['path']
     offset = 0
     if len(wave) > o.num_samples and o.crop == 'random':
       offset = int(rng.integers(0, len(wave) - o.num_samples + 1))
@@ -160,6 +190,88 @@ class LoadClip(grain.transforms.RandomMap):
     if o.label_vocab is not None:
       example['labels'] = self._labels(labels, where)
     return example
+
+
+def candidate_stride(n: int) -> int:
+  """The stride between a position's candidates: coprime to n (so n tries visit every slot of the
+  epoch once) and near 0.618 n (so a replacement comes from far away in the shuffled epoch)."""
+  s = max(1, int(n * 0.6180339887498949))
+  while math.gcd(s, n) != 1:
+    s += 1
+  return s
+
+
+class _Resolution:
+  """What resolving one position found: the example (or None) and the skips on the way."""
+
+  def __init__(self):
+    self.example: dict | None = None
+    self.skips = np.zeros(len(clips.SKIP_REASONS), np.int64)
+    self.first_skip: clips.ClipSkipped | None = None
+    self.tried = 0
+
+  def summary(self) -> str:
+    counts = ', '.join(f'{r} {n}' for r, n in zip(clips.SKIP_REASONS, self.skips) if n)
+    example = ' '.join(str(self.first_skip).split()) if self.first_skip else ''
+    return f'skipped: {counts}; e.g. {example}'
+
+
+class UsableClips(grain.MapDataset):
+  """Position i of the shuffled, repeated stream -> the example of its first usable candidate.
+
+  `parent` is the shuffled, repeated source (epoch length `n`). With `replace=True` (infinite
+  streams), candidate t of position i is slot (i % n + t * candidate_stride(n)) % n of the same
+  epoch, and its crop generator is seeded with (seed, i, t); all n candidates failing raises
+  DataError. With `replace=False` (finite streams) a failed clip gives a skip marker
+  ({SKIPS_KEY: counts}) instead. Every example carries SKIPS_KEY: the skips of its position.
+  """
+
+  def __init__(self, parent, n: int, load: LoadClip, seed: int, replace: bool, name: str):
+    super().__init__(parent)
+    self._n, self._load, self._seed, self._replace, self._name = n, load, seed, replace, name
+    self._stride = candidate_stride(n)
+    self._reason_index = {r: i for i, r in enumerate(clips.SKIP_REASONS)}
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def resolve(self, index: int, deadline: float | None = None) -> _Resolution:
+    """Tries the candidates of position `index` until one loads (or, with a `deadline` from
+    time.monotonic(), until it passes). Raises ClipSkipped at the first failure in strict mode."""
+    found = _Resolution()
+    epoch, slot = divmod(index, self._n)
+    for t in range(self._n if self._replace else 1):
+      element = self._parent[epoch * self._n + (slot + t * self._stride) % self._n]
+      rng = np.random.default_rng((self._seed, index, t))
+      found.tried += 1
+      try:
+        found.example = self._load(element, rng)
+        return found
+      except clips.ClipSkipped as e:
+        if self._load.options.strict:
+          raise
+        found.skips[self._reason_index[e.reason]] += 1
+        found.first_skip = found.first_skip or e
+      if deadline is not None and time.monotonic() > deadline:
+        break
+    return found
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    found = self.resolve(index)
+    if found.example is not None:
+      found.example[SKIPS_KEY] = found.skips
+      return found.example
+    if not self._replace:
+      return {SKIPS_KEY: found.skips}
+    raise DataError(
+      f'{self._name}: no usable clip: all {self._n} clip(s) failed ({found.summary()}); fix or '
+      'remove the bad files (aasp-data pack lists each one in skipped.csv).'
+    )
+
+  def __str__(self) -> str:
+    return f'UsableClips(n={self._n}, replace={self._replace})'
 
 
 class HostRowsOfGlobalBatches(grain.MapDataset):
@@ -202,7 +314,6 @@ class _SkipAccountingBatchIterator(grain.DatasetIterator):
     super().__init__(parent)
     self._batch_size = batch_size
     self._drop_remainder = drop_remainder
-    self._reason_index = {r: i for i, r in enumerate(clips.SKIP_REASONS)}
 
   def __next__(self) -> dict:
     examples = []
@@ -212,12 +323,11 @@ class _SkipAccountingBatchIterator(grain.DatasetIterator):
         element = next(self._parent)
       except StopIteration:
         break
-      if SKIP_KEY in element:
-        skipped[self._reason_index[element[SKIP_KEY]]] += 1
-      else:
+      skipped += element[SKIPS_KEY]
+      if 'index' in element:  # not a skip marker
         examples.append(element)
     if len(examples) == self._batch_size or (examples and not self._drop_remainder):
-      batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+      batch = _stack(examples)
       batch['skipped'] = skipped
       return batch
     # The end of a finite stream. What it still held is reported in a last host-only batch, so the
@@ -256,32 +366,94 @@ class SkipAccountingBatch(grain.IterDataset):
     return f'SkipAccountingBatch(batch_size={self._batch_size})'
 
 
-def make_dataset(
-  source,
-  options: PipelineOptions,
-  process_index: int | None = None,
-  process_count: int | None = None,
-) -> grain.IterDataset:
-  """Builds the per-host dataset of batches. `source` is a path or a grain-compatible source."""
-  if isinstance(source, str):
-    source = sources.open_source(source)
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
+def _stack(examples: Sequence[dict]) -> dict:
+  """A batch of examples; `skipped` sums the skips the examples carry."""
+  batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != SKIPS_KEY}
+  batch['skipped'] = np.sum([e[SKIPS_KEY] for e in examples], axis=0, dtype=np.int64)
+  return batch
+
+
+def _open(spec) -> tuple[str, object]:
+  """(name, source): a data spec opened by `sources.open_source`, or a source object as it is."""
+  name = sources.describe(spec)
+  if isinstance(spec, (str, list, tuple)) or not hasattr(spec, '__getitem__'):
+    return name, sources.open_source(spec)
+  return name, spec
+
+
+def _usable_clips(
+  source, options: PipelineOptions, name: str, replace: bool | None = None
+) -> UsableClips:
+  """The global stream of examples: shuffled per epoch, repeated, one usable clip per position."""
+  if len(source) == 0:
+    raise DataError(f'{name}: the source holds no clips.')
   ds = grain.MapDataset.source(source)
   if options.shuffle:
     # Shuffling before repeat reshuffles every epoch (grain combines the seed with the epoch).
     ds = ds.shuffle(seed=options.seed)
   ds = ds.repeat(options.num_epochs)
-  # Seeded by the global position (before the host split), so a clip gets the same crop whatever
-  # the number of processes.
-  ds = ds.random_map(LoadClip(options), seed=options.seed + 1)
-  ds = HostRowsOfGlobalBatches(ds, process_index, process_count, options.batch_size)
-  read_options = grain.ReadOptions(
-    num_threads=options.read_threads, prefetch_buffer_size=options.read_buffer_size
+  return UsableClips(
+    ds,
+    len(source),
+    LoadClip(options),
+    seed=options.seed + 1,
+    replace=options.num_epochs is None if replace is None else replace,
+    name=name,
   )
-  ds = SkipAccountingBatch(
-    ds.to_iter_dataset(read_options), options.batch_size, options.drop_remainder
-  )
+
+
+def make_dataset(
+  source,
+  options: PipelineOptions,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  start_batch: int = 0,
+) -> grain.IterDataset:
+  """Builds the per-host dataset of batches.
+
+  Args:
+    source: a data spec (a path, a glob, a comma-separated string or a list of them; see
+      `sources`) or a grain-compatible random-access source.
+    options: what shapes the stream.
+    process_index: this host (default jax.process_index()).
+    process_count: the number of hosts (default jax.process_count()).
+    start_batch: the first global batch of the stream. The trainer takes one global batch per
+      step, so resuming at step k with start_batch=k continues the stream exactly, whatever the
+      number of processes before and after. In a finite stream it skips start_batch * global
+      batch positions (exactly start_batch batches when no clip is dropped).
+
+  Raises:
+    DataError: the spec cannot be opened (see `sources.open_source`); while iterating, a source
+      without any usable clip.
+  """
+  name, source = _open(source)
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in [0, {process_count}).')
+  if start_batch < 0:
+    raise ValueError(f'start_batch must be >= 0, got {start_batch}.')
+  b = options.batch_size
+  ds = _usable_clips(source, options, name)
+  # Rows are picked after the clips are resolved per global position, so a host's rows hold the
+  # same examples, crops and skips whatever the number of processes.
+  ds = HostRowsOfGlobalBatches(ds, process_index, process_count, b)
+  if options.num_epochs is None:
+    # Batches are formed before the iterator, so grain's worker processes (which take every
+    # num_workers-th element) hand out whole batches in order, and batch k is global batch k.
+    ds = ds.batch(b, drop_remainder=True, batch_fn=_stack)[start_batch:]
+    read_options = grain.ReadOptions(
+      num_threads=options.read_threads,
+      prefetch_buffer_size=max(options.read_threads, math.ceil(options.read_buffer_size / b), 1),
+    )
+    ds = ds.to_iter_dataset(read_options)
+  else:
+    read_options = grain.ReadOptions(
+      num_threads=options.read_threads, prefetch_buffer_size=options.read_buffer_size
+    )
+    ds = SkipAccountingBatch(
+      ds[start_batch * b :].to_iter_dataset(read_options), b, options.drop_remainder
+    )
   if options.num_workers > 0:
     ds = ds.mp_prefetch(
       grain.MultiprocessingOptions(
@@ -289,6 +461,52 @@ def make_dataset(
       )
     )
   return ds
+
+
+def check_source(spec, options: PipelineOptions, max_seconds: float = 20.0) -> dict:
+  """Checks that a data spec can feed `make_dataset`, before anything expensive starts.
+
+  Opens the spec exactly as `make_dataset` does, then tries clips in the stream's order (the
+  candidates of position 0: every clip of the first shuffled epoch) until one is usable, for at
+  most `max_seconds` and at most the source's size.
+
+  Returns:
+    {'source': name, 'clips': clips in the source, 'checked': clips tried, 'skipped': {reason:
+    count} among them, 'unreadable_folders': subfolders a folder scan could not list}.
+
+  Raises:
+    DataError: one line, for a missing or unreadable path, an unfinished or empty pack, a source
+      with zero entries, or no usable clip among those checked (saying how many and why).
+  """
+  name, source = _open(spec)
+  n = len(source)
+  clips_ds = _usable_clips(source, dataclasses.replace(options, strict=False), name, replace=True)
+  found = clips_ds.resolve(0, deadline=time.monotonic() + max_seconds)
+  unreadable = list(getattr(source, 'unreadable_folders', ()))
+  if found.example is None:
+    if found.tried < n:
+      raise DataError(
+        f'{name}: no usable clip among the first {found.tried} of {n} checked in '
+        f'{max_seconds:g} s ({found.summary()}); fix or remove the bad files.'
+      )
+    raise DataError(
+      f'{name}: no usable clip: all {n} clip(s) failed ({found.summary()}); fix or remove the '
+      'bad files.'
+    )
+  if unreadable:
+    logging.warning(
+      '%s: %d subfolder(s) could not be listed and are not used: %s',
+      name,
+      len(unreadable),
+      '; '.join(unreadable[:3]),
+    )
+  return {
+    'source': name,
+    'clips': n,
+    'checked': found.tried,
+    'skipped': skip_summary(found.skips),
+    'unreadable_folders': unreadable,
+  }
 
 
 def skip_summary(batches_skipped: np.ndarray) -> dict[str, int]:

@@ -5,10 +5,11 @@ other data, measure them here and pass the printed overrides to the config (or u
 `presets.get_preset(name, norm_mean=..., norm_std=...)`).
 
 The statistics are over every value of the raw log-mel (`fbank_host.log_mel`: before padding and
-normalisation) of `num_clips` clips drawn at random (fixed seed) from a folder, a manifest or a pack
-folder. Each clip's count, mean and sum of squared deviations are taken in float64 and merged with
-Chan's pairwise formula, which stays accurate over millions of frames where a running sum of squares
-would cancel catastrophically.
+normalisation) of `num_clips` clips drawn at random (fixed seed) from any data spec training accepts
+(a folder, a manifest, a pack folder, a shard glob, or a comma-separated list of them). Each clip's
+count, mean and sum of squared deviations are taken in float64 and merged with Chan's pairwise
+formula, which stays accurate over millions of frames where a running sum of squares would cancel
+catastrophically.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import numpy as np
 from aasp_jax.audio import fbank_host
 from aasp_jax.audio import presets as presets_lib
 from aasp_jax.data import clips
-from aasp_jax.data import manifest
 from aasp_jax.data import pack as pack_lib
 from aasp_jax.data import records
 
@@ -77,7 +77,8 @@ def compute_stats(
   """Mean and std of the raw log-mel over `num_clips` clips of `source`.
 
   Args:
-    source: a folder of audio, a manifest, or a folder written by `aasp-data pack`.
+    source: a data spec as training takes it (see `sources`): a folder of audio, a manifest, a
+      pack folder, a shard glob, or a comma-separated list of them.
     num_clips: clips to use (all of them if the source has fewer).
     preset: front-end preset name; its sample rate and fbank settings apply.
     seed: seed of the random choice of clips.
@@ -142,39 +143,31 @@ def override_flags(stats: dict[str, Any]) -> str:
 def _open_source(
   source: str, fe: presets_lib.FrontEndPreset, max_seconds: float | None
 ) -> tuple[int, Callable[[int], np.ndarray]]:
-  """(number of clips, load(i) -> float32 waveform at the preset's rate) for any source kind."""
-  if os.path.isdir(source) and os.path.isfile(os.path.join(source, pack_lib.CONFIG_FILE)):
-    return _open_pack(source, fe)
-  entries = manifest.read_entries(source)
+  """(number of clips, load(i) -> float32 waveform at the preset's rate) for any data spec that
+  training accepts (`sources.open_source`: folders, manifests, packs, shard globs, lists)."""
+  # Imported here: sources pulls in grain, which the rest of this module does not need.
+  from aasp_jax.data import sources
+
+  data = sources.open_source(source)
 
   def load(i: int) -> np.ndarray:
-    e = entries[i]
-    end = e.end
+    element = data[i]
+    if 'record' in element:
+      record = records.decode_record(element['record'])
+      if record['sample_rate'] != fe.sample_rate:
+        raise ValueError(
+          f'{source}: record {record["id"]!r} is at {record["sample_rate"]} Hz but preset '
+          f'{fe.name!r} expects {fe.sample_rate} Hz; re-pack with --sample_rate {fe.sample_rate}'
+        )
+      return record['waveform']
+    start, end = element['start'], element['end']
     if max_seconds is not None:
-      cap = (e.start or 0.0) + max_seconds
+      cap = (start or 0.0) + max_seconds
       end = cap if end is None else min(end, cap)
-    wave, _ = clips.load_clip(e.path, fe.sample_rate, e.start, end)
+    wave, _ = clips.load_clip(element['path'], fe.sample_rate, start, end)
     return wave
 
-  return len(entries), load
-
-
-def _open_pack(source: str, fe: presets_lib.FrontEndPreset):
-  # Imported here: grain is only needed for pack folders.
-  import grain
-
-  data_source = grain.sources.ArrayRecordDataSource(pack_lib.list_shards(source))
-
-  def load(i: int) -> np.ndarray:
-    record = records.decode_record(data_source[i])
-    if record['sample_rate'] != fe.sample_rate:
-      raise ValueError(
-        f'{source}: record {record["id"]!r} is at {record["sample_rate"]} Hz but preset '
-        f'{fe.name!r} expects {fe.sample_rate} Hz; re-pack with --sample_rate {fe.sample_rate}'
-      )
-    return record['waveform']
-
-  return len(data_source), load
+  return len(data), load
 
 
 def write_stats(stats: dict[str, Any], path: str | os.PathLike) -> None:

@@ -67,6 +67,11 @@ def _to_numpy(audio, model: embed.Embedder):
     import torch  # only when a tensor is given
 
     device = audio.device
+    if not torch.is_floating_point(audio):  # as for numpy: int16 PCM must be scaled by the caller
+      raise ValueError(
+        f'audio must hold float samples in [-1, 1]; got a torch {audio.dtype} tensor (scale int16 '
+        'PCM by 1 / 32768 first).'
+      )
     waves = audio.detach().to('cpu', torch.float32).numpy()
 
     def back(x):
@@ -83,5 +88,8 @@ def _to_numpy(audio, model: embed.Embedder):
       f'audio must be [n_sounds, n_samples] at {model.sample_rate} Hz; got shape {waves.shape}.'
     )
   if not np.issubdtype(waves.dtype, np.floating):
-    raise ValueError(f'audio must hold float samples in [-1, 1]; got dtype {waves.dtype}.')
+    raise ValueError(
+      f'audio must hold float samples in [-1, 1]; got dtype {waves.dtype} (scale int16 PCM by '
+      '1 / 32768 first).'
+    )
   return waves.astype(np.float32, copy=False), back

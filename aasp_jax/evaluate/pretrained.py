@@ -12,13 +12,13 @@ config file or command line has to be kept alongside a checkpoint.
 """
 
 import dataclasses
+import logging
 import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
 from aasp_jax import checkpointing, configuration
@@ -56,7 +56,17 @@ class Pretrained:
 
 
 def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
-  """(the `checkpoints/` folder, step) that `path` (and `step`) names; clear errors otherwise."""
+  """(the `checkpoints/` folder, step) that `path` (and `step`) names; clear errors otherwise.
+
+  Without `step`, the newest complete checkpoint (`load_pretrained` falls back to older ones if
+  it is damaged).
+  """
+  directory, steps, _ = _candidates(path, step)
+  return directory, steps[0]
+
+
+def _candidates(path: str, step: int | None) -> tuple[str, list[int], bool]:
+  """(the `checkpoints/` folder, the steps to try newest first, whether the step was named)."""
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(
@@ -67,29 +77,19 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
   if name.isdigit() and os.path.isdir(os.path.join(path, checkpointing.STATE)):
     if step is not None and step != int(name):
       raise ValueError(f'{path} is the checkpoint of step {name}, but step={step} was asked for.')
-    return os.path.dirname(path), int(name)
+    return os.path.dirname(path), [int(name)], True
   directory = path if name == 'checkpoints' else os.path.join(path, 'checkpoints')
-  steps = _complete_steps(directory)
+  steps = checkpointing.complete_steps(directory)
   if not steps:
     raise FileNotFoundError(
       f'{path}: no complete checkpoint in {directory} (a training run writes them there; '
       'unfinished saves are never used).'
     )
   if step is None:
-    return directory, steps[-1]
+    return directory, steps[::-1], False
   if step not in steps:
     raise ValueError(f'{directory} has no checkpoint of step {step}; it has steps {steps}.')
-  return directory, step
-
-
-def _complete_steps(directory: str) -> list[int]:
-  if not os.path.isdir(directory):
-    return []
-  return sorted(
-    int(n)
-    for n in os.listdir(directory)
-    if n.isdigit() and os.path.isdir(os.path.join(directory, n, checkpointing.STATE))
-  )
+  return directory, [step], True
 
 
 def config_from_json(saved: dict) -> ConfigDict:
@@ -99,8 +99,46 @@ def config_from_json(saved: dict) -> ConfigDict:
   return cfg
 
 
+def saved_config(path: str, step: int | None = None) -> tuple[dict, int]:
+  """(the resolved config saved with a checkpoint, its step): one small JSON file, no arrays.
+
+  Without `step`, the newest checkpoint whose config reads (a run's checkpoints share it).
+  """
+  directory, steps, explicit = _candidates(path, step)
+  failures = []
+  for s in steps:
+    try:
+      return checkpointing.read_config(os.path.join(directory, str(s))), s
+    except checkpointing.UnusableCheckpoint as e:
+      failures.append(_skip(e, explicit, directory))
+  raise _none_usable(directory, failures)
+
+
+def _skip(e: checkpointing.UnusableCheckpoint, explicit: bool, directory: str) -> str:
+  """A damaged checkpoint: an error if it was asked for by step, else a warning (and a line for
+  the error raised if no checkpoint is usable). Readers never move files."""
+  if explicit:
+    raise ValueError(
+      f'{e}. Choose another step of {directory} ({checkpointing.complete_steps(directory)}), '
+      'or give no step to use the newest one that verifies.'
+    ) from None
+  logging.warning('checkpoint %s is unusable: %s; trying the previous one', e.step_dir, e.reason)
+  return f'step {os.path.basename(e.step_dir)}: {e.reason}'
+
+
+def _none_usable(directory: str, failures: list[str]) -> ValueError:
+  return checkpointing.NoUsableCheckpoint(
+    f'No usable checkpoint in {directory}: {"; ".join(failures)}. The files are damaged; '
+    'rerun training (it sets damaged checkpoints aside and resumes from the newest good one).'
+  )
+
+
 def load_pretrained(path: str, which: str = 'teacher', step: int | None = None) -> Pretrained:
   """The encoder of a training checkpoint on the host.
+
+  The arrays are restored onto this process's first device, whatever mesh or number of processes
+  wrote them, and checked against the checksums saved with them. Without `step`, a damaged newest
+  checkpoint is skipped (one warning) for the newest one that verifies; a named step must verify.
 
   Args:
     path: a workdir, its `checkpoints/` folder, or a `checkpoints/<step>` folder.
@@ -109,67 +147,64 @@ def load_pretrained(path: str, which: str = 'teacher', step: int | None = None) 
   """
   if which not in WHICH:
     raise ValueError(f'which={which!r}: choose one of {WHICH}.')
-  directory, step = find_checkpoint(path, step)
-  manager = ocp.CheckpointManager(
-    directory,
-    item_handlers={
-      checkpointing.STATE: ocp.PyTreeCheckpointHandler(),  # partial restore
-      checkpointing.CONFIG: ocp.JsonCheckpointHandler(),
-    },
-  )
-  try:
-    saved = manager.restore(
-      step, args=ocp.args.Composite(**{checkpointing.CONFIG: ocp.args.JsonRestore()})
-    )[checkpointing.CONFIG]
-    config = config_from_json(saved)
-    encoder = build.build_encoder(config.model, drop_path=0.0)
-    target = _encoder_target(encoder, config)
-    # Only the chosen encoder is read: the optimizer moments and the other copy stay on disk.
-    item = {'train': {'teacher': target} if which == 'teacher' else {'params': {'encoder': target}}}
-    restored = manager.restore(
-      step,
-      args=ocp.args.Composite(
-        **{checkpointing.STATE: ocp.args.PyTreeRestore(item=item, partial_restore=True)}
-      ),
-    )[checkpointing.STATE]['train']
-  finally:
-    manager.close()
+  directory, steps, explicit = _candidates(path, step)
+  failures = []
+  for s in steps:
+    step_dir = os.path.join(directory, str(s))
+    try:
+      contents = checkpointing.read_step(
+        step_dir, lambda saved: _encoder_item(saved, which), partial=True
+      )
+    except checkpointing.UnusableCheckpoint as e:
+      failures.append(_skip(e, explicit, directory))
+      continue
+    except configuration.ConfigError as e:
+      raise ValueError(f'The saved encoder does not match its saved config: {e}') from None
+    return _pretrained(contents, which, s, step_dir)
+  raise _none_usable(directory, failures)
+
+
+def _encoder_item(saved: dict, which: str) -> dict:
+  """What to restore: only the chosen encoder (the optimizer moments and the other copy stay on
+  disk), onto this process's first device."""
+  config = config_from_json(saved)
+  target = _encoder_target(build.build_encoder(config.model, drop_path=0.0), config)
+  return {'train': {'teacher': target} if which == 'teacher' else {'params': {'encoder': target}}}
+
+
+def _pretrained(contents, which: str, step: int, step_dir: str) -> Pretrained:
+  config = config_from_json(contents.config)
+  restored = contents.tree['train']
   params = restored['teacher'] if which == 'teacher' else restored['params']['encoder']
   params = jax.tree.map(np.asarray, params)
-  _check_shapes(params, target, os.path.join(directory, str(step)))
   if config.model.scan_layers:
     # Evaluation, fine-tuning and export use the unrolled layout ('blocks_0', ...), whose per-layer
     # names they address; the two layouts compute the same function.
     params = jax.tree.map(np.asarray, vit.unstack_blocks(params, config.model.depth))
     with config.unlocked():
       config.model.scan_layers = False
-    encoder = build.build_encoder(config.model, drop_path=0.0)
+  encoder = build.build_encoder(config.model, drop_path=0.0)
   return Pretrained(
     config=config,
     encoder=encoder,
     params=params,
     preset=configuration.frontend_preset(config),
     step=step,
-    source=os.path.join(directory, str(step)),
+    source=step_dir,
     which=which,
   )
 
 
 def _encoder_target(encoder: nn.Module, config: ConfigDict):
-  """Host numpy arrays of the encoder's shapes: what orbax restores into (no device sharding)."""
+  """The encoder's shapes on this process's first device: what orbax restores into."""
   shape = configuration.input_shape(config)
   abstract = jax.eval_shape(
     lambda r: encoder.init(r, jnp.zeros(shape, jnp.float32))['params'], jax.random.key(0)
   )
-  return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nn.meta.unbox(abstract))
-
-
-def _check_shapes(params, target, where: str) -> None:
-  got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(target)}
-  if got != want:
-    diff = sorted(set(got.items()) ^ set(want.items()))[:5]
-    raise ValueError(f'{where}: the saved encoder does not match its saved config: {diff}')
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nn.meta.unbox(abstract)
+  )
 
 
 def random_encoder(config: ConfigDict, seed: int = 0) -> Pretrained:

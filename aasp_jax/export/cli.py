@@ -63,25 +63,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _saved_model_config(checkpoint: str, step: int | None) -> dict:
-  """The `model` section saved with the checkpoint: one small JSON file, no arrays, read-only."""
-  import orbax.checkpoint as ocp
-
-  from aasp_jax import checkpointing
+  """The `model` section saved with the checkpoint: one small JSON file, no arrays, read-only
+  (without --step, of the newest checkpoint whose config reads)."""
   from aasp_jax.evaluate import pretrained
 
-  directory, step = pretrained.find_checkpoint(checkpoint, step)
-  manager = ocp.CheckpointManager(
-    directory,
-    options=ocp.CheckpointManagerOptions(create=False),
-    item_handlers={checkpointing.CONFIG: ocp.JsonCheckpointHandler()},
-  )
-  try:
-    saved = manager.restore(
-      step, args=ocp.args.Composite(**{checkpointing.CONFIG: ocp.args.JsonRestore()})
-    )[checkpointing.CONFIG]
-  finally:
-    manager.close()
-  return saved['model']
+  return pretrained.saved_config(checkpoint, step)[0]['model']
 
 
 def _check_out_dir(parser: argparse.ArgumentParser, out_dir: str, force: bool) -> None:

@@ -1,13 +1,16 @@
 """Preemption notices: when to stop, save and exit.
 
 Cloud TPU VMs and SLURM send SIGTERM some time before killing a job. A single process catches it
-with a Python handler and stops after the current step. With several processes, each host gets the
-signal at a slightly different step, so they must agree on one: JAX's preemption sync manager
-(started by `jax.distributed.initialize`) catches SIGTERM itself and returns the same step on every
-host through `reached_preemption_sync_point`.
+with a Python handler and stops after the current step, or at once while it waits for input (the
+loop polls `signalled` while the input pipeline is starved). A second SIGTERM ends the process
+immediately with the default action, so a stuck process can always be ended. With several processes,
+each host gets the signal at a slightly different step, so they must agree on one: JAX's preemption
+sync manager (started by `jax.distributed.initialize`) catches SIGTERM itself and returns the same
+step on every host through `reached_preemption_sync_point`.
 """
 
 import logging
+import os
 import signal
 
 import jax
@@ -25,9 +28,22 @@ class PreemptionWatcher:
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: finishing the current step, then saving a checkpoint.')
+    del frame
+    if self._signalled:
+      logging.warning('Second SIGTERM: exiting now, without a new checkpoint.')
+      signal.signal(signal.SIGTERM, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    logging.warning(
+      'SIGTERM received: saving a checkpoint after the current step (a second SIGTERM exits at '
+      'once).'
+    )
     self._signalled = True
+
+  @property
+  def signalled(self) -> bool:
+    """A SIGTERM arrived in this (single) process; always False with several processes."""
+    return self._signalled
 
   def reached(self, step: int) -> bool:
     if self._multi:
