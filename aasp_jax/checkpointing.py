@@ -120,9 +120,7 @@ def _words(x: jax.Array) -> jax.Array:
   if x.dtype == jnp.bool_:
     x = x.astype(jnp.uint8)
   size = x.dtype.itemsize
-  if size == 4:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)
-  if size == 8:  # -> shape + (2,): the element's low word, then its high word
+  if size in (4, 8):  # 8-byte elements -> shape + (2,): the low word, then the high word
     return jax.lax.bitcast_convert_type(x, jnp.uint32)
   if size in (1, 2):
     unsigned = jnp.uint8 if size == 1 else jnp.uint16

@@ -35,7 +35,7 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from aasp_jax import configuration  # noqa: E402
+from aasp_jax import checkpointing, configuration  # noqa: E402
 from aasp_jax.evaluate import pretrained, protocol  # noqa: E402
 
 TASKS = {
@@ -144,7 +144,7 @@ def train(args) -> None:
         record.setdefault('train_seconds', 0.0)
         record['train_seconds'] += time.perf_counter() - start
         record['final_metrics'] = {k: float(v) for k, v in result.metrics.items()}
-      saved = set(pretrained._complete_steps(os.path.join(workdir, 'checkpoints')))
+      saved = set(checkpointing.complete_steps(os.path.join(workdir, 'checkpoints')))
       record['completed_steps'] = max(saved | {0})
       for step in range(args.probe_every, args.steps + 1, args.probe_every):
         if str(step) in record['steps'] or step not in saved:
@@ -349,7 +349,6 @@ def supervised(task, seed: int, steps: int, batch: int = 32, lr: float = 1e-3) -
   """The upper bound: the same encoder (from the run's initialisation for `seed`) plus a linear
   head on its mean-pooled valid tokens, trained with labels on the training folds of repeat 0 and
   scored on each held-out fold (AdamW, cosine schedule, first window of each clip)."""
-  import flax.linen as nn
   import jax.numpy as jnp
   import optax
 

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from aasp_jax import checkpointing, configuration, sharding
-from aasp_jax.data import pipeline
+from aasp_jax.data import pipeline, sources
 from aasp_jax.train import health, metrics_writer, objective as objective_lib
 from aasp_jax.train import optimizer, state as state_lib, step as step_lib
 from aasp_jax.train.preemption import PreemptionWatcher
@@ -81,7 +81,9 @@ DATA_CHECK_SECONDS = 20.0
 
 
 def check_data(spec: str, options: pipeline.PipelineOptions, max_seconds: float = DATA_CHECK_SECONDS):
-  """Opens the source exactly as the pipeline will and reads clips until one is usable.
+  """(the opened source, a summary): opens the source once, as the pipeline will, and reads clips
+  until one is usable. The pipeline is then built on that source, so a folder is scanned (or a
+  manifest read) once per run.
 
   Raises a one-line ConfigError (data.DataError) naming the source and the skip reasons, also when
   a read blocks for longer than the bound.
@@ -90,7 +92,8 @@ def check_data(spec: str, options: pipeline.PipelineOptions, max_seconds: float 
 
   def check():
     try:
-      result['summary'] = pipeline.check_source(spec, options, max_seconds=max_seconds)
+      source = sources.open_source(spec)
+      result['summary'] = source, pipeline.check_source(source, options, max_seconds=max_seconds)
     except BaseException as e:  # re-raised on the calling thread
       result['error'] = e
 
@@ -328,7 +331,7 @@ def _train(config, workdir, preemption, checkpoints) -> TrainResult:
   tx, schedule = optimizer.make_optimizer(config.optimizer, config.global_batch, config.total_steps)
   abstract, shardings = state_lib.state_shardings(objective, tx, mesh, rules)
   options = _pipeline_options(config, objective.preset, per_host)
-  summary = check_data(config.data.train, options)
+  source, summary = check_data(config.data.train, options)
   logging.info('data %s: %s', config.data.train, summary)
 
   # ---------------------------------------------------------------- State
@@ -354,7 +357,7 @@ def _train(config, workdir, preemption, checkpoints) -> TrainResult:
   start = int(jax.device_get(state.step))
 
   # ---------------------------------------------------------------- Input
-  data_iterator = iter(pipeline.make_dataset(config.data.train, options, start_batch=start_batch))
+  data_iterator = iter(pipeline.make_dataset(source, options, start_batch=start_batch))
   batch_abstract = _batch_abstract(config, options, mesh)
   fields = tuple(batch_abstract)
   batch_sharding = sharding.batch_sharding(mesh)
