@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast timm-env clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,15 @@ test: $(VENV)/.installed-test
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest tests -n 2 --dist loadfile -m 'not slow'
 
+# timm's own VisionTransformer for tests/test_export_timm.py, in an environment of its own: timm
+# needs torchvision, whose PyPI wheels are CUDA builds that cannot load next to the test extra's CPU
+# torch (and `pip install timm` there would replace it). ~5.5 GB, ~2 min; the test finds it.
+timm-env: .venv-timm/.installed
+
+.venv-timm/.installed:
+	$(PYTHON) -m venv .venv-timm
+	.venv-timm/bin/python -m pip install --quiet timm==1.0.31 torchvision==0.29.1 numpy safetensors
+	touch $@
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-timm *.egg-info .pytest_cache

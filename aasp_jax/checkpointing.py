@@ -9,6 +9,8 @@ Every checkpoint holds four items, written together and finalised together:
   checksums      a 64-bit content hash of every array in `state` (below), as JSON.
   config         the resolved config as JSON: a run can be inspected and resumed without its
                  command.
+A trainer may add JSON items of its own (`RunCheckpoints(json_items=...)`): fine-tuning saves the
+classifier's labels, front end and encoder config as `classifier` (`finetune/checkpoint.py`).
 
 Orbax writes a checkpoint into a temporary folder and renames it only once every item of every
 process is on disk, so a crash mid-save (or a kill) leaves the previous checkpoint as the latest
@@ -299,6 +301,11 @@ def read_config(step_dir: str) -> dict:
   return _read_json(epath.Path(step_dir), CONFIG)
 
 
+def read_item(step_dir: str, item: str) -> dict:
+  """A JSON item saved with a checkpoint (e.g. a trainer's own item), or UnusableCheckpoint."""
+  return _read_json(epath.Path(step_dir), item)
+
+
 def _saved_arrays(handler, state_dir: epath.Path, step_dir: str) -> dict:
   """{array name: (shape, dtype)} from the state item's metadata (no array is read)."""
   try:
@@ -426,9 +433,12 @@ def complete_steps(directory: str) -> list[int]:
 
 
 class RunCheckpoints:
-  """Save / find / restore the checkpoints of one workdir."""
+  """Save / find / restore the checkpoints of one workdir.
 
-  def __init__(self, workdir: str, ckpt_cfg: ConfigDict):
+  `json_items` names extra JSON items the trainer saves with every checkpoint (`save(items=...)`).
+  """
+
+  def __init__(self, workdir: str, ckpt_cfg: ConfigDict, json_items: tuple[str, ...] = ()):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, 'checkpoints')
     self.set_aside_directory = os.path.join(self.workdir, SET_ASIDE)
@@ -446,8 +456,10 @@ class RunCheckpoints:
         DATA_POSITION: ocp.JsonCheckpointHandler(),
         CHECKSUMS: ocp.JsonCheckpointHandler(),
         CONFIG: ocp.JsonCheckpointHandler(),
+        **{item: ocp.JsonCheckpointHandler() for item in json_items},
       },
     )
+    self.json_items = tuple(json_items)
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint (unfinished saves are never listed)."""
@@ -472,12 +484,36 @@ class RunCheckpoints:
       'Move the damaged step folders away, or use a new --workdir.'
     )
 
-  def save(self, step: int, state, rng, data_position: dict, config: ConfigDict) -> bool:
+  def check_resumable(self, config: ConfigDict, keys: tuple[str, ...] = RESUME_KEYS) -> None:
+    """Refuses (ConfigError) a config whose `keys` differ from the newest checkpoint's; no-op for
+    an empty workdir or an unreadable config (the restore reports a damaged checkpoint)."""
+    latest = self.latest_step()
+    if latest is None:
+      return
+    try:
+      saved = self.saved_config(latest)
+    except Exception:  # noqa: BLE001 -- a damaged checkpoint is reported by the restore
+      return
+    check_resumable(saved, config, self.directory, keys)
+
+  def save(
+    self,
+    step: int,
+    state,
+    rng,
+    data_position: dict,
+    config: ConfigDict,
+    items: dict[str, dict] | None = None,
+  ) -> bool:
     """Starts an (async) save of everything needed to continue at `step`.
 
     `data_position` is the trainer's position in the global input stream (a small JSON-able dict,
-    the same on every process). The arrays' checksums are computed first, on the devices.
+    the same on every process); `items` the trainer's own JSON items, one for each of
+    `json_items`. The arrays' checksums are computed first, on the devices.
     """
+    items = dict(items or {})
+    if set(items) != set(self.json_items):
+      raise ValueError(f'checkpoint step {step}: items {sorted(items)}, expected {self.json_items}')
     try:
       position = json.loads(json.dumps(data_position))
     except (TypeError, ValueError) as e:
@@ -499,6 +535,7 @@ class RunCheckpoints:
           DATA_POSITION: ocp.args.JsonSave(position),
           CHECKSUMS: ocp.args.JsonSave(sums),
           CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
+          **{name: ocp.args.JsonSave(value) for name, value in items.items()},
         }
       ),
       force=True,
@@ -615,16 +652,24 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
   return out
 
 
-def check_resumable(saved: dict, config: ConfigDict, directory: str) -> None:
+def check_resumable(
+  saved: dict, config: ConfigDict, directory: str, keys: tuple[str, ...] = RESUME_KEYS
+) -> None:
   """Refuses to resume a run whose model, objective, optimizer or data differ from the checkpoint.
 
+  `keys` are the config keys (or sections) that must match: pre-training's by default.
   Raises ConfigError listing every differing key, before anything is compiled.
   """
   current = _flatten(json.loads(config.to_json()))
   before = _flatten(saved)
+  # A checkpoint written before a model field existed was made with that field's default.
+  from aasp_jax.models import build  # flax is only needed here, not to read checkpoints
+
+  for field, default in build.LATER_MODEL_FIELDS.items():
+    before.setdefault(f'model.{field}', default)
   differing = []
   for key in sorted(set(current) | set(before)):
-    if not any(key == k or key.startswith(k + '.') for k in RESUME_KEYS):
+    if not any(key == k or key.startswith(k + '.') for k in keys):
       continue
     if current.get(key, '<absent>') != before.get(key, '<absent>'):
       differing.append(

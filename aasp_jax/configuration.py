@@ -117,6 +117,12 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     if key in cfg and cfg[key] <= 0:
       raise ConfigError(f'{key}={cfg[key]} must be positive; set --config.{key} to a number > 0.')
   m = cfg.model
+  # Encoder options for imported weights; configs written before they existed hold the defaults.
+  for key, choices in (('posemb', build.POSEMBS), ('block_norm', build.BLOCK_NORMS)):
+    if m.get(key, choices[0]) not in choices:
+      raise ConfigError(f'Config key model.{key!r} is {m[key]!r}; choose one of {list(choices)}.')
+  if not 0.0 < float(m.get('norm_eps', 1e-6)) < 1.0:
+    raise ConfigError(f'model.norm_eps={m.norm_eps} must be a small positive number (e.g. 1e-6).')
   if m.width % m.num_heads:
     raise ConfigError(
       f'model.width={m.width} is not divisible by model.num_heads={m.num_heads}; change one of them.'

@@ -32,7 +32,8 @@ import torch
 
 from aasp_jax import configuration
 from aasp_jax.evaluate import embed, pretrained
-from aasp_jax.export import exporter, onnx_export, timm_layout, torch_model
+from aasp_jax.export import exporter, onnx_export, timm_layout
+from aasp_jax.export.hf import aasp_torch
 
 # Between timed runs: lets the previous runtime's worker threads (OpenMP, XLA's pool) go idle.
 PAUSE_S = 1.0
@@ -159,7 +160,7 @@ def main() -> None:
 
     # Inference: the same encoder and inputs in each runtime.
     model = pretrained.load_pretrained(workdir)
-    encoder = torch_model.AaSPEncoder.from_pretrained(out)
+    encoder = aasp_torch.AaSPEncoder.from_pretrained(out)
     opts = encoder.front_end.opts
     rng = np.random.default_rng(0)
     x = rng.standard_normal((clips, opts.target_length, opts.num_mel_bins)).astype(np.float32)

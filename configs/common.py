@@ -74,6 +74,10 @@ def model_config(variant: str = 'B/16', stem: str = 'aape', predictor: str = 'cr
     )
   )
   m.max_time_patches = 750  # 2 minutes at 100 frames/s and 16-frame patches
+  # Encoder variants for imported weights (aasp_jax/models/vit.py); the defaults are AaSP's encoder.
+  m.posemb = 'sincos'  # | 'sincos_mae' (Audio-MAE / EAT) | 'learned' (a table parameter)
+  m.block_norm = 'pre'  # | 'post' (EAT / data2vec 2.0: norm after each residual add)
+  m.norm_eps = 1e-6
   m.drop_path = 0.0
   m.dtype = 'bfloat16'
   m.param_dtype = 'float32'

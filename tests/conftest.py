@@ -1,7 +1,10 @@
 """Shared pytest setup."""
 
+import contextlib
+import fcntl
 import os
 import sys
+import time
 
 # Multi-device tests need 8 fake CPU devices, and XLA reads this flag once, when the first test
 # initialises the backend. Those test files set it themselves before importing jax (so they also run
@@ -30,15 +33,44 @@ def tiny_checkpoints(tmp_path_factory):
   """{'aape': workdir, 'conv': workdir}: two real 2-step tiny pre-training runs, made on first use.
 
   Built lazily per stem, so a test that needs one stem pays for one run (~20 s each on 2 cores).
+  Under pytest-xdist the runs are shared by the session's workers (each used to build its own):
+  the first worker to need a stem builds it under a file lock, the others wait for it (bounded)
+  and read it. Tests only read these workdirs.
   """
   import eval_checkpoints
 
-  root = tmp_path_factory.mktemp('tiny_checkpoints')
-  cache = tmp_path_factory.mktemp('tiny_checkpoints_xla_cache')
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    shared = tmp_path_factory.getbasetemp().parent  # this session's folder, common to its workers
+    root, cache = shared / 'tiny_checkpoints', shared / 'tiny_checkpoints_xla_cache'
+    root.mkdir(exist_ok=True)
+    cache.mkdir(exist_ok=True)
+  else:
+    root = tmp_path_factory.mktemp('tiny_checkpoints')
+    cache = tmp_path_factory.mktemp('tiny_checkpoints_xla_cache')
 
   class Runs(dict):
     def __missing__(self, stem):
-      self[stem] = eval_checkpoints.tiny_run(root, stem, cache)
+      with _exclusive(root / f'{stem}.lock', timeout_s=900):
+        self[stem] = eval_checkpoints.tiny_run(root, stem, cache)
       return self[stem]
 
   return Runs()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path, timeout_s: float):
+  """Holds an exclusive lock on `lock_path`, waiting at most `timeout_s` for it."""
+  with open(lock_path, 'w') as f:
+    deadline = time.monotonic() + timeout_s
+    while True:
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if time.monotonic() > deadline:
+          raise TimeoutError(f'{lock_path}: held by another test worker for over {timeout_s} s')
+        time.sleep(0.5)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

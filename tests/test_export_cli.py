@@ -22,6 +22,10 @@ EXPECTED = {
   'config.json',
   'preprocessor_config.json',
   'README.md',
+  'aasp_torch.py',
+  'configuration_aasp.py',
+  'modeling_aasp.py',
+  'feature_extraction_aasp.py',
   'timm_model.safetensors',
   'model.onnx',
 }
@@ -47,8 +51,16 @@ def test_writes_every_file_and_reports_sizes_and_time(exported):
     assert size > 0
     assert name in text
   assert 'teacher encoder of step 2' in text
-  assert 'wrote 6 files in' in text and ' s (' in text
-  assert 'max relative error' in text
+  assert 'wrote 10 files in' in text and ' s (' in text
+  assert 'max relative error' in text and 'dynamic batch and time (up to 12000 frames)' in text
+  # The card lists the optional files once they are written; config.json records timm's
+  # constructor arguments.
+  with open(os.path.join(out, 'README.md')) as f:
+    card = f.read()
+  assert '- `timm_model.safetensors`' in card and '- `model.onnx`' in card
+  with open(os.path.join(out, 'config.json')) as f:
+    timm_args = json.load(f)['timm']
+  assert timm_args['img_size'] == [64, 128] and timm_args['embed_dim'] == 32
 
 
 def test_no_pickle_is_written(exported):
@@ -82,7 +94,8 @@ def test_files_hold_the_checkpoint_teacher(exported):
   assert sorted(timm_tensors) == sorted(expected)
   assert all(np.array_equal(timm_tensors[k], expected[k]) for k in expected)
 
-  x = np.random.default_rng(0).standard_normal((2, preset['target_length'], 128), np.float32)
+  # Twice the training window: the graph's time axis is dynamic.
+  x = np.random.default_rng(0).standard_normal((2, 2 * preset['target_length'], 128), np.float32)
   session = onnxruntime.InferenceSession(
     os.path.join(out, 'model.onnx'), providers=['CPUExecutionProvider']
   )

@@ -70,21 +70,25 @@ def _rel_err(got, want):
   return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
 
 
-def test_log_mel_graph_matches_torch_and_jax_with_a_dynamic_batch(conv_export, tmp_path):
+def test_log_mel_graph_matches_torch_and_jax_with_a_dynamic_batch_and_time(conv_export, tmp_path):
   folder, encoder, params = conv_export
   path = str(tmp_path / 'model.onnx')
   done = onnx_export.export_encoder_onnx(folder, path, batch=1)
-  assert done.exporter == 'torchscript'
+  assert done.exporter == 'torchscript' and (done.frame_multiple, done.max_frames) == (16, 12000)
   model = onnx.load(path)
   onnx.checker.check_model(model)
   opsets = {o.domain: o.version for o in model.opset_import}
   assert opsets.get('', opsets.get('ai.onnx')) >= 17 and done.opset >= 17
-  # Traced with batch 1, run with batch 3: the batch axis must be dynamic.
-  x = np.random.default_rng(1).standard_normal((3, TARGET_LENGTH, 128)).astype(np.float32)
-  assert onnx_export.check_onnx(path, done.module, (torch.from_numpy(x),)) < 1e-4
-  got = _run_onnx(path, x)
-  want = encoder.apply({'params': params}, x)
-  assert got['tokens'].shape == (3, (TARGET_LENGTH // 16) * 8, 32)
+  dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+  assert dims == ['batch', 'frames', 128]
+  # Traced with batch 1 and the 64-frame window, run with other batches and lengths.
+  rng = np.random.default_rng(1)
+  for batch, frames in ((3, 128), (1, 256), (2, 1024)):
+    x = rng.standard_normal((batch, frames, 128)).astype(np.float32)
+    assert onnx_export.check_onnx(path, done.module, (torch.from_numpy(x),)) < 1e-4, frames
+  got = _run_onnx(path, x[:, :256])
+  want = encoder.apply({'params': params}, x[:, :256])
+  assert got['tokens'].shape == (2, (256 // 16) * 8, 32)
   assert _rel_err(got['cls'], want['cls']) < 1e-4
   assert _rel_err(got['tokens'], want['tokens']) < 1e-4
 
@@ -125,13 +129,18 @@ def test_check_onnx_without_onnxruntime_says_what_to_install(conv_export, monkey
 
 @pytest.mark.slow  # ~17 s on 2 cores: the dynamo exporter traces through torch.export
 def test_aape_encoder_exports_through_the_dynamo_exporter(tmp_path):
-  """The TorchScript exporter has no symbolic for the SBLU kernel's sinh: the fallback writes it."""
+  """AaPE goes through the dynamo exporter (TorchScript has no symbolic for the SBLU kernel's
+  sinh), with its modulation DFT and band pooling computed from the traced length: one graph
+  serves every input length."""
   folder, encoder, params = _export_folder(tmp_path, 'aape')
   path = str(tmp_path / 'aape.onnx')
   done = onnx_export.export_encoder_onnx(folder, path, batch=2)
   assert done.exporter == 'dynamo' and onnx_export.onnx_opset(path) >= 17
-  x = np.random.default_rng(2).standard_normal((2, TARGET_LENGTH, 128)).astype(np.float32)
-  assert onnx_export.check_onnx(path, done.module, (torch.from_numpy(x),)) < 1e-4
+  rng = np.random.default_rng(2)
+  for batch, frames in ((3, 128), (2, 1024)):
+    x = rng.standard_normal((batch, frames, 128)).astype(np.float32)
+    assert onnx_export.check_onnx(path, done.module, (torch.from_numpy(x),)) < 1e-4, frames
+  x = x[:, :TARGET_LENGTH]
   got = _run_onnx(path, x)
   want = encoder.apply({'params': params}, x)
   assert _rel_err(got['tokens'], want['tokens']) < 1e-4

@@ -4,19 +4,27 @@ The reference for the layout is a timm-style ViT written below with torch ops an
 names (patch_embed.proj, blocks.N.attn.qkv, ...), loaded with load_state_dict(strict=True): the
 names, the shapes and the forward pass must all agree with the JAX encoder. Patches are 16 x 8
 (time x mel), so a swapped kernel axis fails on shape, not only on value.
+
+Imports are checked against the original model: the timm-style ViT with random weights under the
+original names and each kind of `pos_embed` (Audio-MAE's sin-cos, ours, a learned table), on a
+real log-mel, must give the JAX encoder's CLS and tokens within 1e-5 relative.
 """
 
 import argparse
-import functools
+import json
 import math
+import os
+import subprocess
 
 import jax
 import numpy as np
 import pytest
 
-from aasp_jax import configuration
+from aasp_jax import checkpointing, configuration
+from aasp_jax.audio import decode, fbank_host, presets
 from aasp_jax.evaluate import pretrained
 from aasp_jax.export import safetensors_io, timm_layout
+from aasp_jax.models import build, posemb, vit
 from aasp_jax.models.conv_stem import ConvPatchStem
 
 try:
@@ -29,20 +37,28 @@ needs_torch = pytest.mark.skipif(
 )
 
 TARGET_LENGTH, MEL = 64, 128
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIP = os.path.join(REPO_ROOT, 'data', 'sonicpi', 'audio', 'loop_amen.flac')
 
 
-def _config(stem='conv'):
+def _config(stem='conv', width=32, target_length=TARGET_LENGTH, patch_f=8):
   return configuration.load_config(
-    f'configs/pretrain.py:variant=tiny,stem={stem},target_length={TARGET_LENGTH}',
+    f'configs/pretrain.py:variant=tiny,stem={stem},target_length={target_length}',
     [
-      'model.width=32',
+      f'model.width={width}',
       'model.depth=2',
       'model.num_heads=4',
-      'model.mlp_dim=64',
-      'model.patch_f=8',
+      f'model.mlp_dim={2 * width}',
+      f'model.patch_f={patch_f}',
       'model.dtype=float32',
     ],
   )
+
+
+def real_log_mel(target_length: int) -> np.ndarray:
+  """[1, target_length, 128]: a Sonic Pi drum loop through the eat_audiomae front end."""
+  preset = presets.get_preset('eat_audiomae', target_length=target_length)
+  return fbank_host.features(decode.load_audio(CLIP, preset), preset)[None]
 
 
 @pytest.fixture(scope='module')
@@ -194,26 +210,53 @@ def test_timm_layout_in_a_timm_style_torch_vit_matches_jax(model):
   assert _rel_err(model['out']['tokens'], tokens) < 1e-4
 
 
-@needs_torch
-def test_timm_vision_transformer_loads_the_layout(model):
-  """With timm installed: timm's own VisionTransformer loads the file strictly and agrees."""
-  vision_transformer = pytest.importorskip('timm.models.vision_transformer')
+# timm cannot be installed next to the test extra's CPU torch: PyPI's torchvision wheels (which timm
+# needs) are CUDA builds linked against libtorch_cuda, and `pip install timm` replaces the CPU torch.
+# So timm runs in an environment of its own: `make timm-env` builds .venv-timm (torch, torchvision
+# and timm from PyPI, ~5.5 GB, ~2 min); AASP_TIMM_PYTHON names another interpreter with timm.
+TIMM_PYTHON = os.environ.get('AASP_TIMM_PYTHON') or os.path.join(
+  REPO_ROOT, '.venv-timm', 'bin', 'python'
+)
+TIMM_SKIP_REASON = (
+  'timm is not importable here (it cannot be installed next to the CPU torch of the test extra: '
+  "PyPI's torchvision is a CUDA build) and no timm environment was found at "
+  f'{TIMM_PYTHON}: run `make timm-env` (or set AASP_TIMM_PYTHON) to run this test in its own '
+  'environment'
+)
+
+
+def _timm_forward(kwargs: dict, state: dict, x: np.ndarray, tmp_path) -> np.ndarray:
+  """timm's own VisionTransformer(**kwargs) with `state` loaded strictly: forward_features(x)."""
+  try:
+    from timm.models import vision_transformer
+  except ImportError:
+    vision_transformer = None
+  if vision_transformer is not None and torch is not None:
+    kw = dict(kwargs, img_size=tuple(kwargs['img_size']), patch_size=tuple(kwargs['patch_size']))
+    vit_model = vision_transformer.VisionTransformer(**kw).eval()
+    vit_model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    with torch.no_grad():
+      return vit_model.forward_features(torch.from_numpy(x)[:, None]).double().numpy()
+  if not os.path.isfile(TIMM_PYTHON):
+    pytest.skip(TIMM_SKIP_REASON)
+  with open(tmp_path / 'kwargs.json', 'w') as f:
+    json.dump(kwargs, f)
+  safetensors_io.save(str(tmp_path / 'state.safetensors'), state, {'format': 'pt'})
+  np.save(tmp_path / 'x.npy', x)
+  child = os.path.join(REPO_ROOT, 'tests', 'timm_child.py')
+  done = subprocess.run(
+    [TIMM_PYTHON, child, str(tmp_path)], capture_output=True, text=True, timeout=300
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  return np.load(tmp_path / 'out.npy')
+
+
+def test_timm_vision_transformer_loads_the_layout(model, tmp_path):
+  """timm's own VisionTransformer, built from the recorded constructor arguments, loads the file
+  strictly and agrees (in this environment if it has timm, else in the timm environment)."""
   m = model['config'].model
-  vit = vision_transformer.VisionTransformer(
-    img_size=(TARGET_LENGTH, MEL),
-    patch_size=(m.patch_t, m.patch_f),
-    in_chans=1,
-    num_classes=0,
-    embed_dim=m.width,
-    depth=m.depth,
-    num_heads=m.num_heads,
-    mlp_ratio=m.mlp_dim / m.width,
-    qkv_bias=True,
-    norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
-  ).eval()
-  vit.load_state_dict({k: torch.from_numpy(v) for k, v in model['state'].items()}, strict=True)
-  with torch.no_grad():
-    y = vit.forward_features(torch.from_numpy(model['x'])[:, None]).double().numpy()
+  kwargs = json.loads(json.dumps(timm_layout.timm_constructor_args(m, TARGET_LENGTH, MEL)))
+  y = _timm_forward(kwargs, model['state'], model['x'], tmp_path)
   assert _rel_err(model['out']['cls'], y[:, 0]) < 1e-4
   assert _rel_err(model['out']['tokens'], y[:, 1:]) < 1e-4
 
@@ -250,15 +293,95 @@ def test_non_zero_cls_position_is_folded_into_cls(model):
   assert _rel_err(out['cls'], cls) < 1e-4 and _rel_err(out['tokens'], tokens) < 1e-4
 
 
-def test_audiomae_and_learned_pos_embed_are_recognised_and_ignored(model):
+def test_audiomae_and_learned_pos_embed_are_recognised(model):
   m = model['config'].model
   state = dict(model['state'])
   state['pos_embed'] = _audiomae_table(m.width, TARGET_LENGTH // m.patch_t, MEL // m.patch_f)
-  notes = timm_layout.from_timm(state, m, num_mel_bins=MEL).notes
-  assert len(notes) == 1 and "Audio-MAE's sin-cos table" in notes[0] and 'ignored' in notes[0]
+  imported = timm_layout.from_timm(state, m, num_mel_bins=MEL)
+  assert len(imported.notes) == 1 and "Audio-MAE's sin-cos table" in imported.notes[0]
+  assert imported.model_overrides == {'posemb': 'sincos_mae', 'block_norm': 'pre'}
+  assert 'posemb' not in imported.params
+  # A table computed in float32 (EAT's, up to 768 time patches) is still the sin-cos table.
+  state['pos_embed'] = state['pos_embed'] + 5e-5
+  assert timm_layout.from_timm(state, m, num_mel_bins=MEL).model_overrides['posemb'] == 'sincos_mae'
   state['pos_embed'] = state['pos_embed'] + 0.5
-  [note] = timm_layout.from_timm(state, m, num_mel_bins=MEL).notes[-1:]
-  assert 'differs from the fixed sin-cos table' in note and 'ignored' in note
+  imported = timm_layout.from_timm(state, m, num_mel_bins=MEL)
+  assert 'no sin-cos table' in imported.notes[-1]
+  assert imported.model_overrides == {
+    'posemb': 'learned',
+    'block_norm': 'pre',
+    'max_time_patches': TARGET_LENGTH // m.patch_t,
+  }
+  table = imported.params['posemb']
+  np.testing.assert_array_equal(table.reshape(-1, m.width), state['pos_embed'][0, 1:])
+  state['pos_embed'] = state['pos_embed'][:, :-3]
+  with pytest.raises(timm_layout.TimmLayoutError, match='patch grid|fill a'):
+    timm_layout.from_timm(state, m, num_mel_bins=MEL)
+
+
+def _original_timm_state(m, kind, n_time, n_freq):
+  """A timm-style ViT's state dict with random weights (every LayerNorm and bias perturbed) and a
+  `kind` pos_embed: Audio-MAE's table, ours, or a learned one with a non-zero CLS row."""
+  torch.manual_seed(0)
+  vit = _timm_style_vit(m, n_time * n_freq)
+  with torch.no_grad():
+    for p in vit.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  state = {k: v.detach().numpy().astype(np.float32) for k, v in vit.state_dict().items()}
+  if kind == 'sincos_mae':
+    state['pos_embed'] = _audiomae_table(m.width, n_time, n_freq)
+  elif kind == 'sincos':
+    table = posemb.sincos_table(m.width, n_time, n_freq).reshape(-1, m.width)
+    state['pos_embed'] = np.concatenate([np.zeros((1, m.width)), table])[None].astype(np.float32)
+  else:
+    state['pos_embed'] = (
+      0.5 * np.random.default_rng(3).standard_normal((1, 1 + n_time * n_freq, m.width))
+    ).astype(np.float32)
+  return state
+
+
+@needs_torch
+@pytest.mark.parametrize('kind', ['sincos_mae', 'sincos', 'learned'])
+def test_import_computes_what_the_original_model_computes(kind):
+  """Audio-MAE (16x16 patches, width 64) on a real log-mel: the imported encoder equals the
+  original timm-style model, and exporting it again gives a file the original reads the same."""
+  config = _config(width=64, target_length=128, patch_f=16)
+  m = config.model
+  x = real_log_mel(128)
+  state = _original_timm_state(m, kind, 128 // 16, MEL // 16)
+  want_cls, want_tokens = _reference(state, config, x)
+  imported = timm_layout.from_timm(state, m, num_mel_bins=MEL)
+  assert imported.model_overrides['posemb'] == kind
+  assert imported.ignored == []
+  config = timm_layout.apply_model_overrides(config, imported.model_overrides)
+  encoder = build.build_encoder(config.model)
+  out = encoder.apply({'params': imported.params}, x)
+  errors = [_rel_err(out['cls'], want_cls), _rel_err(out['tokens'], want_tokens)]
+  assert max(errors) < 1e-5, errors
+  exported = timm_layout.to_timm(imported.params, config.model, target_length=128, num_mel_bins=MEL)
+  cls, tokens = _reference(exported, config, x)
+  assert _rel_err(cls, want_cls) < 1e-5 and _rel_err(tokens, want_tokens) < 1e-5
+  if kind != 'learned':  # a fixed table is exported as computed, with the CLS row folded into cls
+    np.testing.assert_allclose(exported['pos_embed'][0, 1:], state['pos_embed'][0, 1:], atol=1e-6)
+
+
+def test_timm_constructor_args_describe_the_layout(model):
+  m = model['config'].model
+  kwargs = timm_layout.timm_constructor_args(m, TARGET_LENGTH, MEL)
+  assert json.loads(json.dumps(kwargs)) == kwargs
+  assert kwargs['img_size'] == [TARGET_LENGTH, MEL] and kwargs['patch_size'] == [16, 8]
+  assert (kwargs['embed_dim'], kwargs['depth'], kwargs['num_heads']) == (32, 2, 4)
+  assert kwargs['mlp_ratio'] == 2.0 and kwargs['in_chans'] == 1 and kwargs['num_classes'] == 0
+  assert kwargs['class_token'] and not kwargs['no_embed_class'] and not kwargs['fc_norm']
+  post = dict(m.to_dict(), block_norm='post')
+  for fn in (
+    lambda cfg: timm_layout.timm_constructor_args(cfg, TARGET_LENGTH, MEL),
+    lambda cfg: timm_layout.to_timm(model['params'], cfg),
+  ):
+    with pytest.raises(timm_layout.TimmLayoutError, match='pre-LN'):
+      fn(post)
+    with pytest.raises(timm_layout.TimmLayoutError, match='eps=1e-6'):
+      fn(dict(m.to_dict(), norm_eps=1e-5))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,12 +443,16 @@ def test_save_timm_writes_a_tagged_safetensors_file(model, tmp_path):
 
 @needs_torch
 def test_pt_file_with_pickled_objects_is_refused_with_a_hint(model, tmp_path):
+  """Audio-MAE saves its argparse args next to the weights: refused by default, read with
+  opaque_objects=True (the args become inert placeholders; the command line does that)."""
   path = tmp_path / 'with_args.pth'
   state_dict = {k: torch.from_numpy(v) for k, v in model['state'].items()}
   torch.save({'model': state_dict, 'args': argparse.Namespace(lr=1e-3)}, path)
   with pytest.raises(timm_layout.TimmLayoutError, match='weights_only=True') as e:
     timm_layout.load_state_dict_file(str(path))
-  assert str(path) in str(e.value)
+  assert str(path) in str(e.value) and 'opaque_objects=True' in str(e.value)
+  imported = timm_layout.load_timm(str(path), model['config'].model, opaque_objects=True)
+  _assert_same_params(imported.params, model['params'])
 
 
 def test_mis_shaped_tensor_is_named_with_its_expected_shape(model):
@@ -369,20 +496,33 @@ def test_unknown_file_type_and_missing_file_fail_clearly(tmp_path):
 
 
 def test_imported_weights_become_a_checkpoint_that_load_pretrained_reads(model, tmp_path):
-  """Scanned-layout config (as ViT-B's): the checkpoint stacks the blocks, the loader unstacks."""
+  """Scanned-layout config (as ViT-B's) and a learned table: the checkpoint stacks the blocks and
+  saves the overridden config and the checksums; the loader unstacks and verifies."""
   config = _config()
   with config.unlocked():
     config.model.scan_layers = True
-  imported = timm_layout.from_timm(model['state'], config.model, num_mel_bins=MEL)
+  state = dict(model['state'], pos_embed=model['state']['pos_embed'] + 0.25)
+  imported = timm_layout.from_timm(state, config.model, num_mel_bins=MEL)
+  assert imported.model_overrides['posemb'] == 'learned'
   workdir = tmp_path / 'imported_run'
-  step_dir = timm_layout.write_encoder_checkpoint(str(workdir), config, imported.params)
+  step_dir = timm_layout.write_encoder_checkpoint(
+    str(workdir), config, imported.params, model_overrides=imported.model_overrides
+  )
   assert step_dir == str(workdir / 'checkpoints' / '0')
+  tree = jax.tree.map(np.asarray, vit.stack_blocks(imported.params, 2))
+  contents = checkpointing.read_step(
+    step_dir, lambda saved: {'train': {'teacher': jax.tree.map(np.zeros_like, tree)}}, partial=True
+  )
+  assert contents.verified and contents.config['model']['posemb'] == 'learned'
   for which in ('teacher', 'student'):
     loaded = pretrained.load_pretrained(str(workdir), which=which)
-    _assert_same_params(loaded.params, model['params'])
+    _assert_same_params(loaded.params, imported.params)
     assert loaded.preset.target_length == TARGET_LENGTH
+    assert loaded.config.model.max_time_patches == TARGET_LENGTH // 16
   out = loaded.encoder.apply({'params': loaded.params}, model['x'])
-  assert np.array_equal(np.asarray(out['tokens']), model['out']['tokens'])
+  if torch is not None:  # the checkpoint computes what the original (learned table) model does
+    cls, tokens = _reference(state, loaded.config, model['x'])
+    assert _rel_err(out['cls'], cls) < 1e-4 and _rel_err(out['tokens'], tokens) < 1e-4
   with pytest.raises(FileExistsError, match='already holds checkpoints'):
     timm_layout.write_encoder_checkpoint(str(workdir), config, imported.params)
 

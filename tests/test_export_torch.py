@@ -1,6 +1,7 @@
-"""Export of AaSP encoders (aasp_jax.export): safetensors files, the JAX re-import, and the PyTorch
-rebuild's parity with JAX, on the real tiny checkpoints (width 32, depth 2, 64-frame windows) and
-real audio.
+"""Export of AaSP encoders (aasp_jax.export): safetensors files, the export folder's PyTorch layout,
+the JAX re-import, and the PyTorch module's (aasp_jax/export/hf/aasp_torch.py) parity with JAX, on
+the real tiny checkpoints (width 32, depth 2, 64-frame windows) and real audio. The Hugging Face
+side of the folder (transformers, no JAX installed, ONNX) is tests/test_export_hf.py.
 
 Relative error, everywhere below: max|torch - jax| / max|jax|, over the whole compared array, in
 float64; the design's bar (section 7) is 1e-4 in float32. The 2-step checkpoints still have AaPE's
@@ -17,8 +18,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -35,7 +34,8 @@ from aasp_jax.audio import fbank_device, fbank_host
 from aasp_jax.audio import presets as presets_lib
 from aasp_jax.data import clips
 from aasp_jax.evaluate import embed, pretrained
-from aasp_jax.export import exporter, safetensors_io, torch_model
+from aasp_jax.export import exporter, safetensors_io
+from aasp_jax.export.hf import aasp_torch
 from aasp_jax.export.safetensors_io import ExportFormatError
 from aasp_jax.models import build, vit
 from configs import pretrain
@@ -161,7 +161,7 @@ def exports(tiny_checkpoints, tmp_path_factory):
     source=aape.source,
   )
   for stem, model in (('conv', conv), ('aape', aape)):
-    out[stem] = (model, str(root / stem), torch_model.AaSPEncoder.from_pretrained(root / stem))
+    out[stem] = (model, str(root / stem), aasp_torch.AaSPEncoder.from_pretrained(root / stem))
   return out
 
 
@@ -287,33 +287,55 @@ def test_export_folder_holds_the_checkpoint_exactly_and_no_pickle(
   student = pretrained.load_pretrained(tiny_checkpoints['aape'], which='student')
   assert config['model'] == student.config.model.to_dict()
   assert (config['format'], config['format_version'], config['layout']) == (
-    'aasp-jax-encoder',
-    1,
-    'native',
+    'aasp-jax-export',
+    2,
+    'pytorch',
   )
-  assert (config['which'], config['step'], config['source']) == ('student', 2, student.source)
-  preset = json.loads((folder / 'preprocessor_config.json').read_text())
-  assert preset.pop('feature_layout') == '[batch, time, mel]'
-  assert presets_lib.FrontEndPreset.from_dict(preset) == student.preset
+  assert (config['model_type'], config['architectures']) == ('aasp', ['AaSPModel'])
+  # The run's name and the training data's, never a path of this machine.
+  assert (config['which'], config['step'], config['source'], config['data']) == (
+    'student',
+    2,
+    'tiny_aape',
+    'audio',
+  )
+  assert presets_lib.FrontEndPreset.from_dict(config['frontend']) == student.preset
+  preprocessor = json.loads((folder / 'preprocessor_config.json').read_text())
+  assert (preprocessor['sampling_rate'], preprocessor['feature_size']) == (16000, 128)
+  assert 'sample_rate' not in preprocessor
   tensors, metadata = safetensors_io.load(folder / 'model.safetensors')
-  assert metadata == {'format': 'aasp-jax-encoder', 'format_version': '1', 'layout': 'native'}
-  flat = {
-    '.'.join(str(k.key) for k in path): leaf
-    for path, leaf in jax.tree_util.tree_leaves_with_path(student.params)
-  }
-  assert sorted(tensors) == sorted(flat) == sorted(config['tensors'])
+  assert metadata == {'format': 'pt'}
+  # Named and shaped as the PyTorch module's state dict, under 'encoder.'.
+  module = aasp_torch.AaSPEncoder(config['model'], config['frontend'])
+  state = {f'encoder.{k}': tuple(v.shape) for k, v in module.state_dict().items()}
+  assert {k: v.shape for k, v in tensors.items()} == state
+  assert {k: tuple(v) for k, v in config['tensors'].items()} == state
+  flat = exporter.flatten_params(student.params)
+  for torch_name, native, layout in (
+    ('encoder.blocks.1.attn.query.weight', 'blocks_1.attn.query.kernel', (1, 0)),
+    ('encoder.stem.conv_stem.proj.weight', 'stem.conv_stem.proj.kernel', (3, 2, 0, 1)),
+    ('encoder.norm.weight', 'norm.scale', (0,)),
+    ('encoder.cls', 'cls', (0, 1, 2)),
+  ):
+    assert tensors[torch_name].dtype == np.float32
+    np.testing.assert_array_equal(tensors[torch_name], flat[native].transpose(layout))
+  # And back to the flax layout, bit for bit.
+  _, preset, native = exporter.load_export(folder)
+  assert presets_lib.FrontEndPreset.from_dict(preset) == student.preset
+  assert sorted(native) == sorted(flat)
   for name, array in flat.items():
-    assert tensors[name].dtype == np.float32 and list(array.shape) == config['tensors'][name]
-    np.testing.assert_array_equal(tensors[name], array)
-  # Everything is JSON, text or safetensors: the weights file is exactly header + tensor bytes, so
-  # there is no room for a pickle, and nothing is unpickled when the folder is read.
+    assert native[name].dtype == np.float32
+    np.testing.assert_array_equal(native[name], array)
+  # Everything is JSON, text, Python or safetensors: the weights file is exactly header + tensor
+  # bytes, so there is no room for a pickle, and nothing is unpickled when the folder is read.
   header, _, start = safetensors_io.read_header(folder / 'model.safetensors')
   data_bytes = sum(e['data_offsets'][1] - e['data_offsets'][0] for e in header.values())
   assert os.path.getsize(folder / 'model.safetensors') == start + data_bytes
-  for name in ('config.json', 'preprocessor_config.json', 'README.md'):
+  for name in ('config.json', 'preprocessor_config.json', 'README.md', *exporter.CODE_FILES):
     (folder / name).read_bytes().decode('utf-8')
   card = (folder / 'README.md').read_text()
   assert 'AaSPEncoder.from_pretrained' in card and 'student encoder of step 2' in card
+  assert 'trust_remote_code=True' in card and 'model.onnx' in card  # how to add it
 
 
 def test_reading_an_export_never_unpickles(exports, monkeypatch):
@@ -325,10 +347,10 @@ def test_reading_an_export_never_unpickles(exports, monkeypatch):
   monkeypatch.setattr(torch, 'load', refuse)
   _, folder, _ = exports['conv']
   exporter.load_export(folder)
-  torch_model.AaSPEncoder.from_pretrained(folder)
+  aasp_torch.AaSPEncoder.from_pretrained(folder)
 
 
-def test_jax_export_jax_is_bit_identical(exports, audio):
+def test_jax_export_jax_is_bit_identical(exports):
   for stem in ('conv', 'aape'):
     model, folder, _ = exports[stem]
     params = exporter.params_from_export(folder)
@@ -336,14 +358,10 @@ def test_jax_export_jax_is_bit_identical(exports, audio):
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(model.params)):
       assert got.dtype == want.dtype and got.shape == want.shape
       np.testing.assert_array_equal(got, want)
-    # The exported config rebuilds the same module and front end, so the outputs are identical.
+    # The exported config rebuilds the same module (flax modules compare by their fields) and
+    # front end: with bit-identical params, the same function.
     encoder, params, preset = exporter.encoder_from_export(folder)
     assert encoder == model.encoder and preset == model.preset
-    apply = jax.jit(encoder.apply)
-    x = fbank_device.features(jnp.asarray(audio[0][:, :1200]), preset)
-    again, original = apply({'params': params}, x), apply({'params': model.params}, x)
-    for key in ('cls', 'tokens'):
-      np.testing.assert_array_equal(np.asarray(again[key]), np.asarray(original[key]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +383,7 @@ def test_front_end_matches_jax(exports, audio, preset_name):
   preset = presets_lib.get_preset(preset_name, target_length=64)
   windows, valid = window_batch(audio, preset)
   want = np.asarray(fbank_device.features(jnp.asarray(windows), preset, jnp.asarray(valid)))
-  front_end = torch_model.LogMelFrontEnd(dataclasses.asdict(preset))
+  front_end = aasp_torch.LogMelFrontEnd(dataclasses.asdict(preset))
   got = front_end(torch.from_numpy(windows), torch.from_numpy(valid)).numpy()
   assert got.dtype == np.float32
   assert rel_err(got, want) < 1e-5
@@ -379,7 +397,7 @@ def test_front_end_matches_jax(exports, audio, preset_name):
   _, _, module = exports['conv']
   np.testing.assert_array_equal(
     module.features(torch.from_numpy(windows), torch.from_numpy(valid)).numpy(),
-    torch_model.LogMelFrontEnd(module.preset)(torch.from_numpy(windows), torch.from_numpy(valid)),
+    aasp_torch.LogMelFrontEnd(module.preset)(torch.from_numpy(windows), torch.from_numpy(valid)),
   )
 
 
@@ -426,16 +444,16 @@ def test_the_aape_branch_is_really_compared(exports, audio):
   _, _, module = exports['aape']
   waves, lengths = audio
   full = module.embed(torch.from_numpy(waves), torch.from_numpy(lengths))['scene'].numpy()
-  for name in ('stem.gate', 'stem.lambda_encoder.out.kernel'):
+  for name in ('stem.gate', 'stem.lambda_encoder.out.weight'):
     ablated = copy.deepcopy(module)
     with torch.no_grad():
-      ablated.native_parameters()[name][0].zero_()
+      ablated.get_parameter(name).zero_()
     scene = ablated.embed(torch.from_numpy(waves), torch.from_numpy(lengths))['scene'].numpy()
     assert rel_err(scene, full) > 100 * TOLERANCE, name
 
 
 AAPE_OPTIONS = [
-  {'fusion': 'concat', 'learn_delta': True, 'delta': 0.7},
+  {'fusion': 'concat', 'learn_delta': True, 'delta': 0.7, 'posemb': 'sincos_mae'},
   {'lambda_mode': 'fixed', 'window': 'one_sided', 'phase': 'literal', 'kernel_size': 15},
 ]
 
@@ -447,13 +465,45 @@ def test_every_aape_option_matches_jax(audio, tmp_path, options):
   exporter.write_export(
     tmp_path, model.config.model, model.preset, model.params, which='random', step=0, source='r'
   )
-  module = torch_model.AaSPEncoder.from_pretrained(tmp_path)
+  module = aasp_torch.AaSPEncoder.from_pretrained(tmp_path)
   windows, valid = window_batch(audio, model.preset)
   x = np.asarray(fbank_device.features(jnp.asarray(windows), model.preset, jnp.asarray(valid)))
   token_valid = module.token_valid(torch.from_numpy(valid)).numpy()
   want, got = jax_encode(model, x, token_valid), torch_encode(module, x, token_valid)
   assert max(rel_err(got[k], want[k]) for k in ('cls', 'tokens')) < TOLERANCE
   assert_aape_branch_matches(want['sown'], module, x)
+
+
+def test_encoder_options_match_jax(audio, tmp_path):
+  """The encoder options shared with JAX (model.posemb, block_norm, norm_eps; 'sincos_mae' is in
+  AAPE_OPTIONS), on masked real audio in a 128-frame input (twice the window: the position table
+  is cropped further)."""
+  options = {'posemb': 'learned', 'block_norm': 'post', 'norm_eps': 1e-5}
+  cfg = tiny_config('conv', **options)
+  model = pretrained.random_encoder(cfg, seed=3)
+  rng = np.random.default_rng(3)
+  params = jax.tree.map(
+    lambda a: (a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32), model.params
+  )
+  model = dataclasses.replace(model, params=params)
+  exporter.write_export(
+    tmp_path, cfg.model, model.preset, params, which='random', step=0, source='options'
+  )
+  module = aasp_torch.AaSPEncoder.from_pretrained(tmp_path)
+  state = module.state_dict()
+  assert 'input_norm.weight' in state and 'norm.weight' not in state
+  assert state['posemb'].shape == (750, 8, 32)
+  assert module.blocks[0].norm1.eps == module.input_norm.eps == 1e-5
+  windows, valid = window_batch(audio, model.preset)
+  x = np.asarray(fbank_device.features(jnp.asarray(windows), model.preset, jnp.asarray(valid)))
+  token_valid = module.token_valid(torch.from_numpy(valid)).numpy()
+  # Each clip's window, then another clip's: 128 frames, the first window's padding masked.
+  x2 = np.concatenate([x, x[::-1]], axis=1)
+  valid2 = np.concatenate([token_valid, np.ones_like(token_valid)], axis=1)
+  want, got = jax_encode(model, x2, valid2), torch_encode(module, x2, valid2)
+  errors = {k: rel_err(got[k], want[k]) for k in ('cls', 'tokens')}
+  print(f'{options} relative errors: {errors}')
+  assert max(errors.values()) < TOLERANCE, errors
 
 
 def test_scanned_layer_models_export_unrolled(audio, tmp_path):
@@ -473,7 +523,7 @@ def test_scanned_layer_models_export_unrolled(audio, tmp_path):
     np.testing.assert_array_equal(np.asarray(got), want)
   windows, valid = window_batch(audio, preset)
   x = np.asarray(fbank_device.features(jnp.asarray(windows), preset, jnp.asarray(valid)))
-  module = torch_model.AaSPEncoder.from_pretrained(tmp_path)
+  module = aasp_torch.AaSPEncoder.from_pretrained(tmp_path)
   token_valid = module.token_valid(torch.from_numpy(valid)).numpy()
   scanned = pretrained.Pretrained(cfg, encoder, params, preset, 0, 's', 'random')
   want, got = jax_encode(scanned, x, token_valid), torch_encode(module, x, token_valid)
@@ -488,7 +538,7 @@ def test_scanned_layer_models_export_unrolled(audio, tmp_path):
 def both_loaders(folder):
   """Runs both readers; returns their error messages (each must raise)."""
   messages = []
-  for load in (exporter.load_export, torch_model.AaSPEncoder.from_pretrained):
+  for load in (exporter.load_export, aasp_torch.AaSPEncoder.from_pretrained):
     with pytest.raises(ValueError) as info:
       load(folder)
     messages.append(str(info.value))
@@ -534,18 +584,21 @@ def test_corrupted_or_truncated_weights_name_the_file(broken):
 
 
 def test_a_tensor_of_the_wrong_shape_is_named_with_its_expected_shape(broken):
-  rewrite_weights(broken, lambda t: t.update({'norm.scale': np.ones(33, np.float32)}))
+  rewrite_weights(broken, lambda t: t.update({'encoder.norm.weight': np.ones(33, np.float32)}))
   for message in both_loaders(broken):
-    assert "'norm.scale'" in message and '[33]' in message and 'expected shape [32]' in message
+    assert "'encoder.norm.weight'" in message and '[33]' in message
+    assert 'expected shape [32]' in message
     assert os.path.join(broken, 'model.safetensors') in message
 
 
 def test_a_missing_or_extra_tensor_is_named(broken):
-  rewrite_weights(broken, lambda t: t.pop('blocks_1.mlp.fc2.bias'))
+  rewrite_weights(broken, lambda t: t.pop('encoder.blocks.1.mlp.fc2.bias'))
   for message in both_loaders(broken):
-    assert "'blocks_1.mlp.fc2.bias'" in message and 'expected shape [32]' in message
+    assert "'encoder.blocks.1.mlp.fc2.bias'" in message and 'expected shape [32]' in message
     assert 'missing' in message
-  rewrite_weights(broken, lambda t: t.update({'blocks_1.mlp.fc2.bias': np.zeros(32, np.float32)}))
+  rewrite_weights(
+    broken, lambda t: t.update({'encoder.blocks.1.mlp.fc2.bias': np.zeros(32, np.float32)})
+  )
   rewrite_weights(broken, lambda t: t.update({'extra.weight': np.zeros(3, np.float32)}))
   for message in both_loaders(broken):
     assert "'extra.weight'" in message and 'not one' in message
@@ -553,46 +606,49 @@ def test_a_missing_or_extra_tensor_is_named(broken):
 
 def test_a_config_that_disagrees_with_its_model_section_is_caught(broken):
   # File and config agree with each other, but not with the architecture the model implies.
-  rewrite_weights(broken, lambda t: t.update({'stem.gate': np.ones(33, np.float32)}))
-  edit_config(broken, lambda c: c['tensors'].update({'stem.gate': [33]}))
+  rewrite_weights(broken, lambda t: t.update({'encoder.stem.gate': np.ones(33, np.float32)}))
+  edit_config(broken, lambda c: c['tensors'].update({'encoder.stem.gate': [33]}))
   for message in both_loaders(broken):
-    assert "'stem.gate'" in message and 'expected shape [32]' in message
+    assert "'encoder.stem.gate'" in message and 'expected shape [32]' in message
     assert "'model' section" in message
 
 
 def test_unsupported_options_name_the_config_field(broken):
   edit_config(broken, lambda c: c['model']['aape'].update(new_knob=3))
   with pytest.raises(ValueError, match='model.aape.new_knob'):
-    torch_model.AaSPEncoder.from_pretrained(broken)
+    aasp_torch.AaSPEncoder.from_pretrained(broken)
   edit_config(broken, lambda c: c['model']['aape'].pop('new_knob'))
   edit_config(broken, lambda c: c['model']['aape'].update(window='cosine'))
   with pytest.raises(ValueError, match="model.aape.window='cosine'"):
-    torch_model.AaSPEncoder.from_pretrained(broken)
+    aasp_torch.AaSPEncoder.from_pretrained(broken)
   with pytest.raises(ExportFormatError, match='window'):
     exporter.load_export(broken)
 
 
-def test_the_torch_module_imports_without_jax(exports):
-  """JAX and Flax blocked: the PyTorch module still imports, loads an export and runs."""
-  _, folder, _ = exports['conv']
-  code = (
-    "import sys; sys.modules['jax'] = None; sys.modules['flax'] = None\n"
-    'import torch\n'
-    'from aasp_jax.export import torch_model\n'
-    'model = torch_model.AaSPEncoder.from_pretrained(sys.argv[1])\n'
-    "print(tuple(model.embed(torch.zeros(1, 16000))['scene'].shape))\n"
-    "heavy = [m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax',"
-    " 'orbax', 'ml_collections') and sys.modules[m] is not None]\n"
-    'assert not heavy, heavy\n'
-  )
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-  done = subprocess.run(
-    [sys.executable, '-c', code, folder],
-    check=False,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert done.returncode == 0, done.stderr
-  assert done.stdout.strip() == '(1, 64)'
+def test_a_front_end_that_disagrees_with_the_feature_extractor_is_named(broken):
+  path = os.path.join(broken, 'preprocessor_config.json')
+  with open(path) as f:
+    preprocessor = json.load(f)
+  preprocessor['sampling_rate'] = 22050
+  with open(path, 'w') as f:
+    json.dump(preprocessor, f)
+  with pytest.raises(ExportFormatError, match="sampling_rate is 22050, but config.json's"):
+    exporter.load_export(broken)
+
+
+def test_an_export_of_an_older_format_asks_for_a_new_export(broken):
+  edit_config(broken, lambda c: c.update(format_version=1))
+  for message in both_loaders(broken):
+    assert 'format_version 1' in message and 'export the checkpoint again' in message
+  # aasp-jax 0.1's folders (flax layout) say so too.
+  edit_config(broken, lambda c: c.update(format='aasp-jax-encoder', layout='native'))
+  for message in both_loaders(broken):
+    assert "'aasp-jax-encoder'" in message and 'export the checkpoint again' in message
+
+
+def test_the_exporter_agrees_with_the_exported_module_on_the_format():
+  """The exporter (which cannot import torch) and aasp_torch agree on the folder's format."""
+  for name in ('FORMAT', 'FORMAT_VERSION', 'LAYOUT', 'WEIGHTS', 'CONFIG', 'PREPROCESSOR'):
+    assert getattr(exporter, name) == getattr(aasp_torch, name), name
+  assert exporter.ENCODER_PREFIX == aasp_torch.ENCODER_PREFIX
+  assert exporter.HEAD_PREFIX == aasp_torch.HEAD_PREFIX

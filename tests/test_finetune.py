@@ -1,4 +1,5 @@
-"""Fine-tuning (aasp_jax.evaluate.finetune, augment, finetune_cli and configs/finetune/).
+"""Fine-tuning (aasp_jax.finetune: trainer, step, data, cli, checkpoint; evaluate.augment and
+configs/finetune/).
 
 Independent references: the layer-decay closed form written out here from parameter names; optax's
 own AdamW; mixup and SpecAugment recomputed in numpy from what they drew; the metric recomputed
@@ -17,13 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import REPO_ROOT
 from ml_collections import ConfigDict
 
 from aasp_jax.audio import fbank_device
 from aasp_jax.data import clips, manifest
-from aasp_jax.evaluate import augment, finetune, finetune_cli, pretrained
+from aasp_jax.evaluate import augment, pretrained
+from aasp_jax.finetune import checkpoint as ft_checkpoint
+from aasp_jax.finetune import cli as finetune_cli
+from aasp_jax.finetune import data as ft_data
+from aasp_jax.finetune import step as ft_step
+from aasp_jax.finetune import trainer
 from aasp_jax.train import optimizer as optimizer_lib
-from conftest import REPO_ROOT
 
 RECIPES = ('as20k', 'esc50', 'us8k', 'nsynth', 'spc2')
 DATASET_OF = {'as20k': 'audioset', 'esc50': 'esc50', 'us8k': 'us8k', 'nsynth': 'nsynth'}
@@ -79,14 +85,14 @@ def teacher(tiny_checkpoints):
 
 
 def classifier_params(teacher, num_classes=5):
-  head = finetune.ClsHead(num_classes).init(jax.random.key(1), jnp.zeros((1, teacher.width)))
+  head = ft_step.ClsHead(num_classes).init(jax.random.key(1), jnp.zeros((1, teacher.width)))
   return {'encoder': teacher.params, 'head': jax.tree.map(np.asarray, head['params'])}
 
 
 def test_layer_decay_factors_match_the_closed_form(teacher):
   depth = teacher.config.model.depth
   params = classifier_params(teacher)
-  scales = finetune.layer_scales(params, depth, 0.65)
+  scales = ft_step.layer_scales(params, depth, 0.65)
   leaves = jax.tree_util.tree_leaves_with_path(scales)
   seen = set()
   for path, scale in leaves:
@@ -95,7 +101,10 @@ def test_layer_decay_factors_match_the_closed_form(teacher):
     assert scale == pytest.approx(0.65 ** (depth + 1 - layer), rel=1e-12), names(path)
   assert seen == set(range(depth + 2))  # every group is present: stem/CLS, each block, norm/head
   with pytest.raises(ValueError, match='No lr-decay layer'):
-    finetune.layer_id(('encoder', 'mystery'), depth)
+    ft_step.layer_id(('encoder', 'mystery'), depth)
+  # Imported encoders (timm tables, EAT's post-LN) have these before the first block.
+  assert ft_step.layer_id(('encoder', 'posemb'), depth) == 0
+  assert ft_step.layer_id(('encoder', 'input_norm', 'scale'), depth) == 0
 
 
 def test_optimizer_is_adamw_with_the_lr_scaled_per_layer():
@@ -121,11 +130,11 @@ def test_optimizer_is_adamw_with_the_lr_scaled_per_layer():
     dict(lr=1e-3, layer_decay=0.5, weight_decay=0.05, b1=0.9, b2=0.95, warmup_fraction=0.0)
   )
   cfg.clip_norm = 0.0
-  tx, schedule = finetune.make_optimizer(cfg, params, depth, total_steps=10)
+  tx, schedule = ft_step.make_optimizer(cfg, params, depth, total_steps=10)
   reference = optax.adamw(
     schedule, b1=0.9, b2=0.95, weight_decay=0.05, mask=optimizer_lib.weight_decay_mask
   )
-  scales = finetune.layer_scales(params, depth, 0.5)
+  scales = ft_step.layer_scales(params, depth, 0.5)
   state, ref_state = tx.init(params), reference.init(params)
   for _ in range(2):
     grads = jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
@@ -210,13 +219,13 @@ def test_balanced_sampler_weights_are_inverse_label_frequencies():
     manifest.Entry('e', ()),
   ]
   classes = ('speech', 'dog', 'bell')
-  w_sum = finetune.sampling_weights(entries, classes, 'sum')
+  w_sum = ft_data.sampling_weights(entries, classes, 'sum')
   raw = np.array([1 / 3, 1 / 3 + 1, 1 / 3, 1, 0])
   np.testing.assert_allclose(w_sum, raw / raw.sum())
-  w_rare = finetune.sampling_weights(entries, classes, 'rarest')
+  w_rare = ft_data.sampling_weights(entries, classes, 'rarest')
   raw = np.array([1 / 3, 1, 1 / 3, 1, 0])
   np.testing.assert_allclose(w_rare, raw / raw.sum())
-  np.testing.assert_allclose(finetune.sampling_weights(entries, classes, 'none'), 0.2)
+  np.testing.assert_allclose(ft_data.sampling_weights(entries, classes, 'none'), 0.2)
 
 
 # The encoder at other lengths than pre-training.
@@ -253,7 +262,7 @@ def layouts(tmp_path_factory):
 
 def make_finetuner(recipe, root, checkpoint, workdir, *extra, arg=''):
   config = finetune_cli.parse_config(argv(recipe, root, checkpoint, workdir, *extra, arg=arg))
-  return finetune.Finetuner(config)
+  return trainer.Finetuner(config)
 
 
 def direct_scores(finetuner, params, entries):
@@ -317,13 +326,45 @@ def test_nsynth_recipe_accuracy_equals_the_direct_scores(layouts, tiny_checkpoin
   assert result.metric_value == pytest.approx(np.mean(np.argmax(scores, 1) == labels), abs=1e-9)
 
 
+@pytest.fixture(scope='module')
+def eat_import(tmp_path_factory):
+  """An encoder checkpoint imported from a (tiny, random) EAT fairseq checkpoint by the command
+  line: conv stem, Audio-MAE sin-cos positions, post-LN blocks."""
+  import test_import_eat as eat_test
+
+  from aasp_jax.export import eat_layout
+
+  torch = pytest.importorskip('torch')
+  model = eat_test.randomised(eat_test.Data2VecMultiModel(), 0)
+  state = {
+    'cfg': {'model': {'num_heads': eat_test.HEADS, 'norm_eps': 1e-6}},
+    'model': model.state_dict(),
+  }
+  folder = tmp_path_factory.mktemp('eat_import')
+  torch.save(state, folder / 'EAT-tiny.pt')
+  workdir = str(folder / 'run')
+  argv = [
+    '--weights',
+    str(folder / 'EAT-tiny.pt'),
+    '--workdir',
+    workdir,
+    '--config',
+    eat_test.CONFIG,
+  ]
+  assert eat_layout.main(argv) == 0
+  return workdir
+
+
 @pytest.mark.slow
-def test_us8k_recipe_from_the_conv_stem_holds_out_its_fold(layouts, tiny_checkpoints, tmp_path):
+def test_us8k_recipe_from_an_imported_eat_encoder_holds_out_its_fold(layouts, eat_import, tmp_path):
+  """An imported checkpoint fine-tunes with no manual step (its learned-free post-LN encoder,
+  input norm included, gets layer-wise lr decay like any other)."""
   from aasp_jax.evaluate import datasets
 
   root = layouts['us8k']
-  finetuner = make_finetuner('us8k', root, tiny_checkpoints['conv'], tmp_path, arg='test_fold=2')
-  assert finetuner.pretrained.config.model.stem == 'conv'
+  finetuner = make_finetuner('us8k', root, eat_import, tmp_path, arg='test_fold=2')
+  m = finetuner.pretrained.config.model
+  assert (m.stem, m.posemb, m.block_norm) == ('conv', 'sincos_mae', 'post')
   result = finetuner.run()
   check_run(result, finetuner)
   folds = np.array(datasets.read_dataset('us8k', root).folds)
@@ -364,7 +405,8 @@ def test_encoder_starts_from_the_checkpoint_teacher(layouts, tiny_checkpoints, t
   finetuner = make_finetuner('esc50', layouts['esc50'], workdir, tmp_path)
   saved_teacher = pretrained.load_pretrained(workdir, which='teacher').params
   saved_student = pretrained.load_pretrained(workdir, which='student').params
-  start = jax.device_get(finetuner.state.params)
+  state = finetuner.initial_state()
+  start = jax.device_get(state.params)
   for (path, got), want in zip(
     jax.tree_util.tree_leaves_with_path(start['encoder']), jax.tree.leaves(saved_teacher)
   ):
@@ -375,12 +417,13 @@ def test_encoder_starts_from_the_checkpoint_teacher(layouts, tiny_checkpoints, t
   ]
   assert any(differs)  # the teacher, not the student
   assert np.abs(start['head']['Dense_0']['kernel']).max() < 1e-4  # MAE's near-zero head
-  assert int(finetuner.state.step) == 0
+  assert int(state.step) == 0
 
 
 @pytest.mark.slow
 def test_cli_writes_the_summary_and_counts_unreadable_clips(tiny_checkpoints, tmp_path, capsys):
   import dataset_layouts
+
   from aasp_jax.evaluate import datasets
 
   root = str(tmp_path / 'esc50')
@@ -403,6 +446,15 @@ def test_cli_writes_the_summary_and_counts_unreadable_clips(tiny_checkpoints, tm
   assert summary['evals'][-1]['clips'] == len(test_fold) - 1
   assert summary['config']['dataset']['test_fold'] == 1
   assert summary['checkpoint'].endswith(os.path.join('checkpoints', '2'))
+  # The fine-tuned classifier is saved in the workdir (step 3, the final one), with its metrics.
+  assert summary['checkpoint_step'] == 3 and ft_checkpoint.is_finetuned(workdir)
+  model = ft_checkpoint.load_finetuned(workdir)
+  assert model.labels == labelled.class_names and not model.multilabel
+  assert (model.step, model.source, model.preset.target_length) == (3, 'run', 64)
+  assert model.head_params['kernel'].shape == (model.model_config['width'], len(model.labels))
+  logged = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  assert [e['step'] for e in logged if 'loss' in e] == [1, 2, 3]
+  assert logged[-1]['test/accuracy'] == summary['metric_value']
 
 
 def test_config_mistakes_fail_before_anything_compiles(tiny_checkpoints, tmp_path, capsys):

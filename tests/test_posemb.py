@@ -37,3 +37,23 @@ def test_errors():
     posemb.sincos_table(30, 4, 4)
   with pytest.raises(ValueError, match='max_time_patches'):
     posemb.grid_posemb(32, (751, 8), 750)
+
+
+def test_mae_table_is_ours_with_the_halves_swapped():
+  """Audio-MAE / EAT's get_2d_sincos_pos_embed_flexible (meshgrid(w, h): frequency first)."""
+  dim, n_time, n_freq = 16, 10, 4
+  ours = posemb.sincos_table(dim, n_time, n_freq)
+  mae = posemb.sincos_table(dim, n_time, n_freq, 'sincos_mae')
+  np.testing.assert_array_equal(mae, np.concatenate([ours[..., 8:], ours[..., :8]], axis=-1))
+  q = dim // 4
+  freqs = 1.0 / 10000 ** (np.arange(q) / q)
+  t, f = 7, 3
+  expected = np.concatenate(
+    [np.sin(f * freqs), np.cos(f * freqs), np.sin(t * freqs), np.cos(t * freqs)]
+  )
+  np.testing.assert_allclose(mae[t, f], expected, atol=1e-6)
+  np.testing.assert_array_equal(
+    posemb.grid_posemb(16, (5, 4), 10, 'sincos_mae'), mae[:5].reshape(20, 16)
+  )
+  with pytest.raises(ValueError, match='fixed table'):
+    posemb.sincos_table(16, 4, 4, 'learned')

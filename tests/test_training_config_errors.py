@@ -3,13 +3,13 @@
 import json
 import os
 
-import pytest
-
 import program_runner as runner
+import pytest
+from conftest import FIXTURES
+
 from aasp_jax import checkpointing, configuration
 from aasp_jax.train import loop
 from aasp_jax.train import step as step_lib
-from conftest import FIXTURES
 
 TINY = [
   f.removeprefix('--config.') for f in runner.TINY_FLAGS[1:] if not f.startswith('--config.data.')
@@ -98,6 +98,15 @@ def test_workdir_of_an_incompatible_run(tmp_path):
     tiny_config('global_batch=8', f'data.train={data}', 'logging.log_every_steps=7'),
     str(tmp_path),
   )
+  # A checkpoint saved before model.posemb / block_norm / norm_eps existed was made with their
+  # defaults: it resumes under a config that has them at those values, and not under another.
+  saved = json.loads(old.to_json())
+  for field in ('posemb', 'block_norm', 'norm_eps'):
+    del saved['model'][field]
+  checkpointing.check_resumable(saved, old, str(tmp_path))
+  post = tiny_config('global_batch=8', f'data.train={data}', 'model.block_norm=post')
+  with pytest.raises(configuration.ConfigError, match="model.block_norm: checkpoint 'pre'"):
+    checkpointing.check_resumable(saved, post, str(tmp_path))
 
 
 def test_cli_prints_config_errors_without_a_traceback(tmp_path):

@@ -6,9 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_vit
 import pytest
 
-import numpy_vit
 from aasp_jax.models import posemb
 from aasp_jax.models.conv_stem import ConvPatchStem
 from aasp_jax.models.vit import Encoder, stack_blocks, unstack_blocks
@@ -18,7 +18,7 @@ GRID = (T // P, F // P)
 N = GRID[0] * GRID[1]
 
 
-def make_encoder(dtype=jnp.float32, remat=False, drop_path=0.0, scan_layers=False):
+def make_encoder(dtype=jnp.float32, remat=False, drop_path=0.0, scan_layers=False, **options):
   stem = ConvPatchStem(embed_dim=D, patch_t=P, patch_f=P, dtype=dtype)
   return Encoder(
     stem=stem,
@@ -31,6 +31,7 @@ def make_encoder(dtype=jnp.float32, remat=False, drop_path=0.0, scan_layers=Fals
     remat=remat,
     drop_path=drop_path,
     scan_layers=scan_layers,
+    **options,
   )
 
 
@@ -238,3 +239,71 @@ def test_scanned_drop_path_uses_per_layer_rates_only_in_training(setup):
   v1 = one.init(jax.random.key(0), x)
   train = one.apply(v1, x, deterministic=False, rngs={'dropout': jax.random.key(3)})
   np.testing.assert_allclose(train['tokens'], one.apply(v1, x)['tokens'], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Options for imported encoders: posemb, block_norm, norm_eps (their parity with the original
+# models is tested in test_export_timm.py and test_import_eat.py)
+
+
+def test_import_options_scanned_equal_unrolled():
+  """Learned positions + post-LN + eps 1e-5: the scanned (rematerialised) layout equals the
+  unrolled one on masked and padded inputs, for both layer sources."""
+  options = dict(posemb='learned', block_norm='post', norm_eps=1e-5)
+  enc = make_encoder(**options)
+  scanned = make_encoder(scan_layers=True, remat=True, **options)
+  x = jax.random.normal(jax.random.key(1), (3, T, F))
+  params = nn.meta.unbox(enc.init(jax.random.key(0), x)['params'])
+  params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), params)
+  assert 'input_norm' in params and 'norm' not in params
+  assert params['posemb'].shape == (16, GRID[1], D)
+  stacked = {'params': stack_blocks(params, DEPTH)}
+  init_shapes = nn.meta.unbox(jax.eval_shape(scanned.init, jax.random.key(0), x)['params'])
+  assert jax.tree.map(jnp.shape, init_shapes) == jax.tree.map(jnp.shape, stacked['params'])
+  idx = jnp.asarray(np.stack([np.arange(1, N, 2)] * 3))
+  valid = jnp.arange(idx.shape[1])[None, :] < jnp.array([[idx.shape[1]], [5], [2]])
+  for source in ('residual', 'ffn'):
+    kw = dict(visible_idx=idx, token_valid_bn=valid, return_layers=True, layer_source=source)
+    ref = enc.apply({'params': params}, x, **kw)
+    out = scanned.apply(stacked, x, **kw)
+    for key in ('cls', 'tokens', 'layers'):
+      np.testing.assert_allclose(out[key], ref[key], atol=2e-6, rtol=1e-5)
+  # Post-LN: the last block's output is the final output (no final norm).
+  np.testing.assert_array_equal(
+    enc.apply({'params': params}, x, return_layers=True)['layers'][-1],
+    enc.apply({'params': params}, x)['tokens'],
+  )
+
+
+def test_post_norm_block_and_input_norm_follow_eat():
+  """One post-LN block by hand: x = LN(x + attn(x)), x = LN(x + mlp(x)), after LN(CLS + tokens)."""
+  enc = make_encoder(block_norm='post', norm_eps=1e-5, posemb='sincos_mae')
+  x = jax.random.normal(jax.random.key(1), (2, T, F))
+  params = nn.meta.unbox(enc.init(jax.random.key(0), x)['params'])
+  params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), params)
+  tokens, _ = enc.apply({'params': params}, x, method='embed')
+  pre_ln = {k: v for k, v in params.items() if k != 'input_norm'}
+  pre_ln['norm'] = params['input_norm']
+  sincos_tokens = make_encoder().apply({'params': pre_ln}, x, method='embed')[0]
+  swap = posemb.grid_posemb(D, GRID, 16, 'sincos_mae') - posemb.grid_posemb(D, GRID, 16)
+  np.testing.assert_allclose(tokens, sincos_tokens + swap, atol=1e-5)
+  p = numpy_vit.to_numpy(params)
+  ln = numpy_vit.layer_norm
+  h = np.concatenate([np.broadcast_to(p['cls'], (2, 1, D)), np.asarray(tokens, np.float64)], 1)
+  h = ln(h, p['input_norm'], eps=1e-5)
+  for i in range(DEPTH):
+    blk = p[f'blocks_{i}']
+    h = ln(h + numpy_vit.attention(h, h, blk['attn'], 4), blk['norm1'], eps=1e-5)
+    y = numpy_vit.gelu(numpy_vit.dense_general(h, blk['mlp']['fc1']))
+    h = ln(h + numpy_vit.dense_general(y, blk['mlp']['fc2']), blk['norm2'], eps=1e-5)
+  out = enc.apply({'params': params}, x)
+  np.testing.assert_allclose(out['cls'], h[:, 0], atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(out['tokens'], h[:, 1:], atol=2e-5, rtol=1e-4)
+
+
+def test_learned_posemb_longer_input_fails_clearly():
+  enc = make_encoder(posemb='learned')
+  with pytest.raises(ValueError, match='max_time_patches'):
+    enc.init(jax.random.key(0), jnp.zeros((1, 17 * P, F)))
+  with pytest.raises(ValueError, match='posemb'):
+    make_encoder(posemb='rope').init(jax.random.key(0), jnp.zeros((1, T, F)))

@@ -6,8 +6,8 @@
 - `embeddings` / `linear_probe`: fixed-window clip embeddings and the L-BFGS probe the trainer's
   online evaluation and the main job use;
 - `linear_eval` / `linear_eval_cli`: linear evaluation over seeds with cached embeddings;
-- `finetune` / `augment` / `finetune_cli` and `datasets`: the fine-tuning recipes and the readers
-  of the downstream datasets' layouts;
+- `augment` and `datasets`: mixup / SpecAugment / token dropping and the readers of the downstream
+  datasets' layouts, which fine-tuning (`aasp_jax.finetune`) uses;
 - `metrics`: accuracy, mAP, d-prime;
 - `aliasing` / `aliasing_cli`: the aliasing-stability study (`aasp-aliasing`).
 """

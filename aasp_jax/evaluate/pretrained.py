@@ -61,11 +61,11 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
   Without `step`, the newest complete checkpoint (`load_pretrained` falls back to older ones if
   it is damaged).
   """
-  directory, steps, _ = _candidates(path, step)
+  directory, steps, _ = checkpoint_candidates(path, step)
   return directory, steps[0]
 
 
-def _candidates(path: str, step: int | None) -> tuple[str, list[int], bool]:
+def checkpoint_candidates(path: str, step: int | None) -> tuple[str, list[int], bool]:
   """(the `checkpoints/` folder, the steps to try newest first, whether the step was named)."""
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
@@ -104,17 +104,17 @@ def saved_config(path: str, step: int | None = None) -> tuple[dict, int]:
 
   Without `step`, the newest checkpoint whose config reads (a run's checkpoints share it).
   """
-  directory, steps, explicit = _candidates(path, step)
+  directory, steps, explicit = checkpoint_candidates(path, step)
   failures = []
   for s in steps:
     try:
       return checkpointing.read_config(os.path.join(directory, str(s))), s
     except checkpointing.UnusableCheckpoint as e:
-      failures.append(_skip(e, explicit, directory))
-  raise _none_usable(directory, failures)
+      failures.append(skip_unusable(e, explicit, directory))
+  raise none_usable(directory, failures)
 
 
-def _skip(e: checkpointing.UnusableCheckpoint, explicit: bool, directory: str) -> str:
+def skip_unusable(e: checkpointing.UnusableCheckpoint, explicit: bool, directory: str) -> str:
   """A damaged checkpoint: an error if it was asked for by step, else a warning (and a line for
   the error raised if no checkpoint is usable). Readers never move files."""
   if explicit:
@@ -126,7 +126,7 @@ def _skip(e: checkpointing.UnusableCheckpoint, explicit: bool, directory: str) -
   return f'step {os.path.basename(e.step_dir)}: {e.reason}'
 
 
-def _none_usable(directory: str, failures: list[str]) -> ValueError:
+def none_usable(directory: str, failures: list[str]) -> ValueError:
   return checkpointing.NoUsableCheckpoint(
     f'No usable checkpoint in {directory}: {"; ".join(failures)}. The files are damaged; '
     'rerun training (it sets damaged checkpoints aside and resumes from the newest good one).'
@@ -147,7 +147,7 @@ def load_pretrained(path: str, which: str = 'teacher', step: int | None = None) 
   """
   if which not in WHICH:
     raise ValueError(f'which={which!r}: choose one of {WHICH}.')
-  directory, steps, explicit = _candidates(path, step)
+  directory, steps, explicit = checkpoint_candidates(path, step)
   failures = []
   for s in steps:
     step_dir = os.path.join(directory, str(s))
@@ -156,12 +156,12 @@ def load_pretrained(path: str, which: str = 'teacher', step: int | None = None) 
         step_dir, lambda saved: _encoder_item(saved, which), partial=True
       )
     except checkpointing.UnusableCheckpoint as e:
-      failures.append(_skip(e, explicit, directory))
+      failures.append(skip_unusable(e, explicit, directory))
       continue
     except configuration.ConfigError as e:
       raise ValueError(f'The saved encoder does not match its saved config: {e}') from None
     return _pretrained(contents, which, s, step_dir)
-  raise _none_usable(directory, failures)
+  raise none_usable(directory, failures)
 
 
 def _encoder_item(saved: dict, which: str) -> dict:

@@ -1,14 +1,18 @@
-"""The `aasp-export` command: a training checkpoint -> a PyTorch-ready export folder.
+"""The `aasp-export` command: a training checkpoint -> a Hugging Face / PyTorch export folder.
 
   aasp-export runs/quickstart exports/quickstart                  # EMA teacher, newest step
   aasp-export runs/b16_conv exports/b16 --which student --step 40000 --timm --onnx
+  aasp-export runs/ft_esc50 exports/esc50 --onnx                  # a fine-tuned classifier
 
-Writes OUT_DIR/model.safetensors (native layout), config.json, preprocessor_config.json and a
-README.md model card (aasp_jax.export.exporter); with --timm also timm_model.safetensors (the
-timm / Audio-MAE layout, conv stem only), and with --onnx also model.onnx (the PyTorch encoder on
-log-mel input, opset 17, dynamic batch), checked against PyTorch with onnxruntime when installed.
-No pickle file is written. Exit status: 0 done, 1 unreadable checkpoint or failed export,
-2 bad arguments (including a non-empty OUT_DIR without --force, and --timm with an AaPE stem).
+Writes OUT_DIR/model.safetensors (PyTorch layout), config.json, preprocessor_config.json, the
+model's code (aasp_torch.py and the transformers classes) and a README.md model card
+(aasp_jax.export.exporter): the folder loads with transformers (trust_remote_code=True) or with
+torch alone, without JAX or aasp-jax. A fine-tuning checkpoint gives an audio-classification
+folder. With --timm also timm_model.safetensors (the timm / Audio-MAE layout, conv stem only), and
+with --onnx also model.onnx (log-mel in, dynamic batch and time; cls / tokens out, or logits),
+checked against PyTorch with onnxruntime when installed. No pickle file is written. Exit status:
+0 done, 1 unreadable checkpoint or failed export, 2 bad arguments (including a non-empty OUT_DIR
+without --force, and --timm with an AaPE stem).
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ import time
 
 from aasp_jax.export import exporter
 
-TIMM_WEIGHTS = 'timm_model.safetensors'
-ONNX_MODEL = 'model.onnx'
+TIMM_WEIGHTS = exporter.TIMM_WEIGHTS
+ONNX_MODEL = exporter.ONNX_MODEL
 # Every file this command may write: --force replaces these (and only these) in OUT_DIR, so a
 # stale model.onnx from an earlier run cannot sit next to new weights.
-OUTPUTS = (*exporter.FILES, TIMM_WEIGHTS, ONNX_MODEL)
+OUTPUTS = (*exporter.FILES, *exporter.OPTIONAL_FILES)
 
 
 def _step(text: str) -> int:
@@ -64,7 +68,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _saved_model_config(checkpoint: str, step: int | None) -> dict:
   """The `model` section saved with the checkpoint: one small JSON file, no arrays, read-only
-  (without --step, of the newest checkpoint whose config reads)."""
+  (without --step, of the newest checkpoint whose config reads). A fine-tuning checkpoint's is
+  read with its classifier."""
+  finetune = exporter.finetune_checkpoints()
+  if finetune is not None and finetune.is_finetuned(checkpoint):
+    return dict(finetune.load_finetuned(checkpoint, step).model_config)
   from aasp_jax.evaluate import pretrained
 
   return pretrained.saved_config(checkpoint, step)[0]['model']
@@ -128,11 +136,15 @@ def main(argv: list[str] | None = None) -> int:
       files[TIMM_WEIGHTS], timings['timm'] = _write_timm(out_dir)
     if args.onnx:
       files[ONNX_MODEL], timings['onnx'], check = _write_onnx(out_dir)
+    if args.timm or args.onnx:
+      exporter.write_model_card(out_dir)  # lists the files just added
+      files[exporter.MODEL_CARD] = os.path.getsize(os.path.join(out_dir, exporter.MODEL_CARD))
   except (OSError, ValueError) as e:
     print(f'aasp-export: error: {e}', file=sys.stderr)
     return 1
   total = time.perf_counter() - start
-  print(f'aasp-export: {result.which} encoder of step {result.step} -> {out_dir}')
+  what = 'fine-tuned classifier' if result.which == 'finetuned' else f'{result.which} encoder'
+  print(f'aasp-export: {what} of step {result.step} -> {out_dir}')
   for name, num_bytes in files.items():
     print(f'  {name:<26} {_size(num_bytes):>10}')
   if args.onnx:
@@ -144,34 +156,30 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write_timm(out_dir: str) -> tuple[int, float]:
   """timm_model.safetensors from the export folder just written (not from the checkpoint)."""
-  from aasp_jax.export import timm_layout
-
   start = time.perf_counter()
-  config, preset, tensors = exporter.load_export(out_dir)
-  path = os.path.join(out_dir, TIMM_WEIGHTS)
-  timm_layout.save_timm(
-    path,
-    exporter.unflatten_params(tensors),
-    config['model'],
-    target_length=preset['target_length'],
-    num_mel_bins=preset['num_mel_bins'],
-  )
+  path = exporter.write_timm(out_dir)
   return os.path.getsize(path), time.perf_counter() - start
 
 
 def _write_onnx(out_dir: str) -> tuple[int, float, str]:
-  """model.onnx of the PyTorch encoder, and a line saying how it compares with PyTorch."""
+  """model.onnx of the PyTorch model, and a line saying how it compares with PyTorch."""
   from aasp_jax.export import onnx_export
 
   start = time.perf_counter()
   path = os.path.join(out_dir, ONNX_MODEL)
   done = onnx_export.export_encoder_onnx(out_dir, path)
   seconds = time.perf_counter() - start
-  check = f'model.onnx: opset {done.opset} ({done.exporter} exporter), dynamic batch; '
+  check = (
+    f'model.onnx: opset {done.opset} ({done.exporter} exporter), dynamic batch and time (up to '
+    f'{done.max_frames} frames); '
+  )
   if importlib.util.find_spec('onnxruntime') is None:
     check += 'not checked: pip install onnxruntime to compare it with PyTorch'
   else:
-    error = onnx_export.check_onnx(path, done.module, done.inputs)
+    # At the traced window and at twice its length (another input size of the dynamic graph).
+    x = done.inputs[0]
+    longer = x.repeat(1, 2, 1) if 2 * x.shape[1] <= done.max_frames else x
+    error = max(onnx_export.check_onnx(path, done.module, (v,)) for v in (x, longer))
     check += f'vs PyTorch (onnxruntime, CPU): max relative error {error:.2e}'
     if not error < onnx_export.CHECK_TOLERANCE:
       raise ValueError(f'{path}: {check}, above {onnx_export.CHECK_TOLERANCE:g}; do not use it.')

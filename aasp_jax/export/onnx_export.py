@@ -1,24 +1,28 @@
-"""ONNX export of the PyTorch encoder of an export folder, and its check with onnxruntime.
+"""ONNX export of the PyTorch model of an export folder, and its check with onnxruntime.
 
   from aasp_jax.export import onnx_export
   done = onnx_export.export_encoder_onnx('exports/quickstart', 'model.onnx')
   error = onnx_export.check_onnx(done.path, done.module, done.inputs)  # max relative error
 
-Two graphs can be written from `torch_model.AaSPEncoder`:
-- 'log_mel' (what `aasp-export --onnx` writes): input `log_mel` float32 [batch, target_length, mel]
-  (normalised, as `AaSPEncoder.features` returns it), outputs `cls` [batch, D] and `tokens`
-  [batch, patches, D] (time-major), i.e. `AaSPEncoder.forward` without a padding mask;
+Two graphs can be written from `aasp_torch.AaSPEncoder` (the file in the export folder):
+- 'log_mel' (what `aasp-export --onnx` writes): input `log_mel` float32 [batch, frames, mel]
+  (normalised, as `AaSPEncoder.features` / the feature extractor return it), outputs `cls`
+  [batch, D] and `tokens` [batch, patches, D] (time-major), i.e. `AaSPEncoder.forward` without a
+  padding mask. Batch and frames are dynamic: any multiple of patch_t up to
+  max_time_patches * patch_t frames (e.g. 128, 256 or 1024), since the position tables are sliced
+  and AaPE's modulation DFT and band pooling are computed from the traced length. For a
+  classification export the graph is `log_mel` -> `logits` [batch, labels] instead.
 - 'waveform': input `waveform` float32 [batch, samples] holding exactly one window
   (`window_samples` = the samples of target_length frames, e.g. 163,840 = 10.24 s at 16 kHz for
   1024 frames), outputs `scene` [batch, 2D] (CLS ++ mean token, `embed`'s 'cls_mean' pooling of a
   full window), `cls` and `tokens`. The Kaldi front end is matrix products in float64, so the
   graph needs no FFT operator. Shorter clips must be zero-padded by the caller, and then the
-  padded frames count as audio (`AaSPEncoder.embed` masks them instead).
+  padded frames count as audio (`AaSPEncoder.embed` masks them instead). Only the batch is
+  dynamic here.
 
-The batch axis is dynamic; the time axis is fixed at the window the model was trained with (the
-position table is cropped to it when the graph is traced). The conv stem is exported with the
-TorchScript exporter (`dynamo=False`) at opset 17, the first with LayerNormalization; the AaPE
-stem needs the dynamo exporter (opset 18), which `export_onnx` falls back to.
+The conv stem is exported with the TorchScript exporter (`dynamo=False`) at opset 17, the first
+with LayerNormalization; the AaPE stem needs the dynamo exporter (opset 18), which `export_onnx`
+falls back to.
 """
 
 from __future__ import annotations
@@ -61,6 +65,17 @@ class LogMelGraph(nn.Module):
     return out['cls'], out['tokens']
 
 
+class LogitsGraph(nn.Module):
+  """log-mel [B, T, F] -> logits [B, C] of an `aasp_torch.AaSPClassifier`."""
+
+  def __init__(self, classifier: nn.Module):
+    super().__init__()
+    self.classifier = classifier
+
+  def forward(self, log_mel_btf):
+    return self.classifier(log_mel_btf)
+
+
 class WaveformGraph(nn.Module):
   """One window of waveform [B, S] -> (scene [B, 2D], cls [B, D], tokens [B, N, D])."""
 
@@ -74,22 +89,18 @@ class WaveformGraph(nn.Module):
     return scene, out['cls'], out['tokens']
 
 
-_NAMES = {
-  'log_mel': (['log_mel'], ['cls', 'tokens']),
-  'waveform': (['waveform'], ['scene', 'cls', 'tokens']),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class OnnxExport:
   """An ONNX file written by `export_encoder_onnx`, and what to check it against.
 
   Attributes:
     path: the .onnx file.
-    module: the traced torch module (`LogMelGraph` or `WaveformGraph`).
+    module: the traced torch module (`LogMelGraph`, `LogitsGraph` or `WaveformGraph`).
     inputs: the example inputs it was traced with (`check_onnx(path, module, inputs)`).
     exporter: 'torchscript' or 'dynamo' (see `export_onnx`).
     opset: the default-domain opset of the file.
+    max_frames: the longest input the graph takes (frames; None: the input length is fixed).
+    frame_multiple: input lengths must be multiples of this (patch_t).
   """
 
   path: str
@@ -97,13 +108,14 @@ class OnnxExport:
   inputs: tuple
   exporter: str
   opset: int
+  max_frames: int | None = None
+  frame_multiple: int | None = None
 
 
-def _torchscript_export(module, inputs, path, input_names, output_names, opset):
-  dynamic = {name: {0: 'batch'} for name in (*input_names, *output_names)}
+def _torchscript_export(module, inputs, path, input_names, output_names, opset, dynamic_axes):
   with warnings.catch_warnings():
-    # The tracer warns wherever a shape becomes a Python number (the position table is cropped to
-    # the window, the front end pads to target_length): fixing the time axis is the intent here.
+    # The tracer warns wherever a shape becomes a Python number (the input checks, the front end's
+    # pad to target_length): the dynamic sizes themselves are traced as shape operations.
     warnings.simplefilter('ignore', torch.jit.TracerWarning)
     torch.onnx.export(
       module,
@@ -111,7 +123,7 @@ def _torchscript_export(module, inputs, path, input_names, output_names, opset):
       path,
       input_names=input_names,
       output_names=output_names,
-      dynamic_axes=dynamic,
+      dynamic_axes=dynamic_axes,
       opset_version=opset,
       dynamo=False,
     )
@@ -130,16 +142,16 @@ def _quiet_torchvision_registry():
     registry.setLevel(level)
 
 
-def _dynamo_export(module, inputs, path, input_names, output_names, opset):
-  batch = torch.export.Dim('batch')
-  with _quiet_torchvision_registry():
+def _dynamo_export(module, inputs, path, input_names, output_names, opset, dynamic_shapes):
+  with _quiet_torchvision_registry(), warnings.catch_warnings():
+    warnings.simplefilter('ignore', FutureWarning)  # torch.export's own deprecation notices
     torch.onnx.export(
       module,
       tuple(inputs),
       path,
       input_names=input_names,
       output_names=output_names,
-      dynamic_shapes=tuple({0: batch} for _ in inputs),
+      dynamic_shapes=dynamic_shapes,
       # The dynamo exporter's own floor is opset 18.
       opset_version=max(opset, DYNAMO_OPSET),
       dynamo=True,
@@ -155,13 +167,21 @@ def export_onnx(
   input_names: list[str],
   output_names: list[str],
   opset: int = OPSET,
+  time_axis: tuple[int, int] | None = None,
+  torchscript: bool = True,
 ) -> str:
-  """Writes `module` traced on `inputs` to `onnx_path` with a dynamic batch axis.
+  """Writes `module` traced on `inputs` to `onnx_path` with a dynamic batch axis (axis 0 of every
+  input and output).
 
-  The TorchScript exporter (`dynamo=False`, fast, opset `opset`) is tried first. The AaPE stem
-  does not go through it (it has no ONNX symbolic for `sinh`), so where it fails the dynamo
-  exporter (torch.export + onnxscript, opset >= 18, slower) writes the file instead. One file with
-  the weights inside, written under a temporary name and renamed into place.
+  With `time_axis=(multiple, max_multiples)`, axis 1 of the first input is dynamic too, any
+  multiple of `multiple` up to `multiple * max_multiples`, and so is axis 1 of every output of
+  rank 3 (the tokens).
+
+  The TorchScript exporter (`dynamo=False`, fast, opset `opset`) is tried first (unless
+  `torchscript=False`); where it fails the dynamo exporter (torch.export + onnxscript, opset >= 18,
+  slower) writes the file instead. The AaPE stem never goes through TorchScript (it has no ONNX
+  symbolic for `sinh`). One file with the weights inside, written under a temporary name and
+  renamed into place.
 
   Returns:
     'torchscript' or 'dynamo': the exporter that wrote the file.
@@ -171,9 +191,22 @@ def export_onnx(
   onnx_path = os.fspath(onnx_path)
   partial = onnx_path + '.partial'
   module.eval()
+  with torch.no_grad():
+    ranks = [out.ndim for out in _as_tuple(module(*inputs))]
+  axes = {name: {0: 'batch'} for name in (*input_names, *output_names)}
+  shapes = [{0: torch.export.Dim('batch', min=1)}] + [{0: None} for _ in inputs[1:]]
+  if time_axis is not None:
+    multiple, max_multiples = time_axis
+    axes[input_names[0]][1] = 'frames'
+    for name, rank in zip(output_names, ranks):
+      if rank == 3:
+        axes[name][1] = 'patches'
+    shapes[0][1] = multiple * torch.export.Dim('time_patches', min=1, max=max_multiples)
   try:
+    if not torchscript:
+      raise NotImplementedError('TorchScript export not asked for')
     with torch.no_grad():
-      _torchscript_export(module, inputs, partial, input_names, output_names, opset)
+      _torchscript_export(module, inputs, partial, input_names, output_names, opset, axes)
     exporter = 'torchscript'
   except Exception as torchscript_error:  # noqa: BLE001
     # Any failure of the tracer or of its symbolic registry: the other exporter may still
@@ -181,7 +214,7 @@ def export_onnx(
     log.info('TorchScript ONNX export failed (%s); using the dynamo exporter.', torchscript_error)
     try:
       with torch.no_grad():
-        _dynamo_export(module, inputs, partial, input_names, output_names, opset)
+        _dynamo_export(module, inputs, partial, input_names, output_names, opset, tuple(shapes))
     except Exception as dynamo_error:
       if os.path.exists(partial):
         os.remove(partial)
@@ -194,38 +227,64 @@ def export_onnx(
   return exporter
 
 
+def _as_tuple(value) -> tuple:
+  return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
 def export_encoder_onnx(
   export_dir: str | os.PathLike,
   onnx_path: str | os.PathLike,
   graph: str = 'log_mel',
-  batch: int = 1,
+  batch: int = 2,
   opset: int = OPSET,
 ) -> OnnxExport:
-  """Exports the encoder of an aasp-jax export folder to ONNX.
+  """Exports the model of an aasp-jax export folder to ONNX.
 
   Args:
     export_dir: the folder `aasp-export` / `exporter.export_checkpoint` wrote.
     onnx_path: the .onnx file to write.
-    graph: 'log_mel' (encoder only) or 'waveform' (front end + encoder + scene pooling).
-    batch: batch size of the example the graph is traced with (the batch axis stays dynamic).
+    graph: 'log_mel' (the encoder, or a classifier's logits; dynamic batch and time) or
+      'waveform' (front end + encoder + scene pooling of one window; dynamic batch).
+    batch: batch size of the example the graph is traced with (the batch axis stays dynamic;
+      torch.export needs it above 1 to keep it symbolic).
     opset: the opset asked of the TorchScript exporter (>= 17).
   """
-  from aasp_jax.export import torch_model
+  from aasp_jax.export.hf import aasp_torch
 
   if graph not in GRAPHS:
     raise ValueError(f'graph={graph!r}: choose one of {GRAPHS}.')
-  encoder = torch_model.AaSPEncoder.from_pretrained(export_dir)
+  config = aasp_torch.read_json(os.path.join(os.fspath(export_dir), aasp_torch.CONFIG))
+  if config.get('id2label'):
+    classifier = aasp_torch.AaSPClassifier.from_pretrained(export_dir)
+    encoder = classifier.encoder
+  else:
+    classifier, encoder = None, aasp_torch.AaSPEncoder.from_pretrained(export_dir)
   opts = encoder.front_end.opts
   generator = torch.Generator().manual_seed(0)
   if graph == 'log_mel':
-    module = LogMelGraph(encoder)
+    module = LogitsGraph(classifier) if classifier is not None else LogMelGraph(encoder)
+    outputs = ['logits'] if classifier is not None else ['cls', 'tokens']
     example = (torch.randn(batch, opts.target_length, opts.num_mel_bins, generator=generator),)
+    time_axis = (encoder.patch_t, encoder.max_time_patches)
+    names = (['log_mel'], outputs)
   else:
     module = WaveformGraph(encoder)
     example = (0.1 * torch.randn(batch, opts.window_samples, generator=generator),)
-  input_names, output_names = _NAMES[graph]
-  exporter = export_onnx(module, example, onnx_path, input_names, output_names, opset)
-  return OnnxExport(os.fspath(onnx_path), module, example, exporter, onnx_opset(onnx_path))
+    time_axis = None
+    names = (['waveform'], ['scene', 'cls', 'tokens'])
+  # TorchScript has no symbolic for the SBLU kernel's sinh: AaPE goes straight to dynamo.
+  torchscript = encoder.model['stem'] != 'aape'
+  exporter = export_onnx(module, example, onnx_path, *names, opset, time_axis, torchscript)
+  max_frames = None if time_axis is None else time_axis[0] * time_axis[1]
+  return OnnxExport(
+    os.fspath(onnx_path),
+    module,
+    example,
+    exporter,
+    onnx_opset(onnx_path),
+    max_frames=max_frames,
+    frame_multiple=None if time_axis is None else time_axis[0],
+  )
 
 
 def onnx_opset(onnx_path: str | os.PathLike) -> int:

@@ -98,10 +98,10 @@ class Mlp(nn.Module):
     )(h)
 
 
-def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-  """Pre-LN normalisation with timm's epsilon (1e-6) and logically named scale/bias."""
+def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 1e-6) -> nn.LayerNorm:
+  """LayerNorm with timm's epsilon by default (1e-6) and logically named scale/bias."""
   return nn.LayerNorm(
-    epsilon=1e-6,
+    epsilon=eps,
     dtype=dtype,
     param_dtype=param_dtype,
     scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),

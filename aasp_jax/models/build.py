@@ -7,6 +7,7 @@ overridable on the command line (`--config.model.depth=6`).
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from aasp_jax.models import posemb, vit
 from aasp_jax.models.aape import AaPE
 from aasp_jax.models.cnn_decoder import CnnDecoder
 from aasp_jax.models.conv_stem import ConvPatchStem
@@ -21,6 +22,10 @@ VARIANTS = {
   'L': dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
 }
 STEMS = ('aape', 'conv')
+# Encoder fields added after checkpoints existed, with the value a config without them means.
+LATER_MODEL_FIELDS = {'posemb': 'sincos', 'block_norm': 'pre', 'norm_eps': 1e-6}
+POSEMBS = posemb.KINDS  # 'sincos' | 'sincos_mae' | 'learned' (aasp_jax/models/vit.py)
+BLOCK_NORMS = vit.BLOCK_NORMS  # 'pre' | 'post'
 PREDICTORS = ('cross_attention', 'cnn')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -67,6 +72,10 @@ def build_encoder(model_cfg: ConfigDict, drop_path: float | None = None) -> Enco
     remat=model_cfg.remat,
     scan_layers=model_cfg.scan_layers,
     attention_impl=_attention_impl(model_cfg),
+    # Configs saved before these fields existed describe the defaults (AaSP's own encoder).
+    posemb=model_cfg.get('posemb', LATER_MODEL_FIELDS['posemb']),
+    block_norm=model_cfg.get('block_norm', LATER_MODEL_FIELDS['block_norm']),
+    norm_eps=float(model_cfg.get('norm_eps', LATER_MODEL_FIELDS['norm_eps'])),
   )
 
 

@@ -3,9 +3,17 @@
 The table covers a long time axis (default: 2 minutes of audio at 100 frames/s and 16-frame patches) and
 is cropped to the input's number of time patches, so one checkpoint serves any clip length up to that.
 Tokens are flattened time-major: index = t * num_freq_patches + f.
+
+Kinds (`model.posemb`): 'sincos' puts the time code in the first half of each vector and the
+frequency code in the second; 'sincos_mae' is Audio-MAE's / EAT's table, the same two halves swapped
+(MAE's `np.meshgrid(grid_w, grid_h)` puts the width = frequency coordinate first); 'learned' is a
+parameter of the encoder (`vit.Encoder`), not a table computed here.
 """
 
 import numpy as np
+
+KINDS = ('sincos', 'sincos_mae', 'learned')
+FIXED_KINDS = ('sincos', 'sincos_mae')
 
 
 def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
@@ -18,28 +26,39 @@ def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
   return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
-def sincos_table(dim: int, max_time_patches: int, num_freq_patches: int) -> np.ndarray:
-  """Returns [max_time_patches, num_freq_patches, dim]: first half encodes time, second frequency."""
+def sincos_table(
+  dim: int, max_time_patches: int, num_freq_patches: int, kind: str = 'sincos'
+) -> np.ndarray:
+  """Returns [max_time_patches, num_freq_patches, dim].
+
+  kind 'sincos': the first half of each vector encodes time, the second frequency; 'sincos_mae':
+  the first half encodes frequency, the second time (Audio-MAE / EAT).
+  """
+  if kind not in FIXED_KINDS:
+    raise ValueError(f'sincos_table: kind={kind!r} is no fixed table; choose one of {FIXED_KINDS}.')
   if dim % 4:
     raise ValueError(f'2-D sin-cos embedding needs a width divisible by 4, got {dim}.')
-  t_emb = _sincos_1d(dim // 2, np.arange(max_time_patches))
-  f_emb = _sincos_1d(dim // 2, np.arange(num_freq_patches))
-  table = np.concatenate(
-    [
-      np.broadcast_to(t_emb[:, None, :], (max_time_patches, num_freq_patches, dim // 2)),
-      np.broadcast_to(f_emb[None, :, :], (max_time_patches, num_freq_patches, dim // 2)),
-    ],
-    axis=-1,
-  )
-  return table.astype(np.float32)
+  shape = (max_time_patches, num_freq_patches, dim // 2)
+  t_emb = np.broadcast_to(_sincos_1d(dim // 2, np.arange(max_time_patches))[:, None, :], shape)
+  f_emb = np.broadcast_to(_sincos_1d(dim // 2, np.arange(num_freq_patches))[None, :, :], shape)
+  halves = [t_emb, f_emb] if kind == 'sincos' else [f_emb, t_emb]
+  return np.concatenate(halves, axis=-1).astype(np.float32)
 
 
-def grid_posemb(dim: int, grid: tuple[int, int], max_time_patches: int) -> np.ndarray:
-  """Returns [num_time * num_freq, dim], the table cropped to `grid` and flattened time-major."""
-  num_time, num_freq = grid
+def check_length(num_time: int, max_time_patches: int) -> None:
+  """Raises ValueError unless `num_time` time patches fit a table of `max_time_patches` rows."""
   if num_time > max_time_patches:
     raise ValueError(
       f'Input has {num_time} time patches but the position table holds {max_time_patches}; '
       'raise model.max_time_patches or crop the input.'
     )
-  return sincos_table(dim, max_time_patches, num_freq)[:num_time].reshape(num_time * num_freq, dim)
+
+
+def grid_posemb(
+  dim: int, grid: tuple[int, int], max_time_patches: int, kind: str = 'sincos'
+) -> np.ndarray:
+  """Returns [num_time * num_freq, dim], the table cropped to `grid` and flattened time-major."""
+  num_time, num_freq = grid
+  check_length(num_time, max_time_patches)
+  table = sincos_table(dim, max_time_patches, num_freq, kind)
+  return table[:num_time].reshape(num_time * num_freq, dim)

@@ -1,8 +1,19 @@
-"""The ViT encoder of AaSP: patch stem, fixed 2-D sin-cos positions, CLS token, pre-LN blocks.
+"""The ViT encoder of AaSP: patch stem, 2-D positions, CLS token, transformer blocks.
 
 The encoder can encode a subset of tokens: given `visible_idx` [batch, num_visible] it adds positions to
 every patch token first and then gathers the visible ones, so a masked student sees exactly the tokens
 (and positions) that the full input would have given it, and pays only for those.
+
+Three options make imported encoders compute what they computed in their own code (all default to
+AaSP's encoder):
+  posemb      'sincos' (AaSP), 'sincos_mae' (Audio-MAE / EAT: the two halves swapped), or 'learned'
+              (a parameter `posemb` [max_time_patches, n_freq, width], e.g. an AST / timm table);
+              positions are added to the patch tokens only, never to CLS.
+  block_norm  'pre' (timm / Audio-MAE: x + attn(norm1(x)), x + mlp(norm2(x)), a final `norm`) or
+              'post' (data2vec 2.0 / EAT's AltBlock with layer_norm_first=False:
+              x = norm1(x + attn(x)), x = norm2(x + mlp(x)); every token, CLS included, is
+              normalised by `input_norm` before the first block, and there is no final norm).
+  norm_eps    the epsilon of every LayerNorm of the encoder (timm, Audio-MAE and EAT: 1e-6).
 """
 
 from typing import Any
@@ -18,10 +29,11 @@ Dtype = Any
 # What `return_layers` reports per block: 'residual', the block's output (the residual stream), or
 # 'ffn', its MLP branch before the residual add (EAT's targets, `end_of_block_targets: false`).
 LAYER_SOURCES = ('residual', 'ffn')
+BLOCK_NORMS = ('pre', 'post')
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN transformer block with optional stochastic depth (used by fine-tuning)."""
+  """Pre-LN (or post-LN) transformer block with optional stochastic depth (used by fine-tuning)."""
 
   num_heads: int
   mlp_dim: int
@@ -29,6 +41,8 @@ class EncoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  post_norm: bool = False  # EAT / data2vec 2.0 AltBlock(layer_norm_first=False)
+  norm_eps: float = 1e-6
 
   def _drop_path(self, y, deterministic: bool, rate):
     if deterministic or (isinstance(rate, float) and rate == 0.0):
@@ -49,14 +63,19 @@ class EncoderBlock(nn.Module):
     stochastic depth) instead of the block output alone.
     """
     rate = self.drop_path if drop_rate is None else drop_rate
-    y = layer_norm('norm1', self.dtype, self.param_dtype)(x_bnd)
-    y = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name='attn')(
-      y, mask=attn_mask
-    )
-    x_bnd = x_bnd + self._drop_path(y, deterministic, rate)
-    y = layer_norm('norm2', self.dtype, self.param_dtype)(x_bnd)
-    y = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name='mlp')(y)
-    x_bnd = x_bnd + self._drop_path(y, deterministic, rate)
+    norm1 = layer_norm('norm1', self.dtype, self.param_dtype, self.norm_eps)
+    norm2 = layer_norm('norm2', self.dtype, self.param_dtype, self.norm_eps)
+    attn = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name='attn')
+    mlp = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name='mlp')
+    if self.post_norm:
+      # EAT's AltBlock.forward, layer_norm_first=False: the norms follow the residual adds.
+      x_bnd = norm1(x_bnd + self._drop_path(attn(x_bnd, mask=attn_mask), deterministic, rate))
+      y = mlp(x_bnd)
+      x_bnd = norm2(x_bnd + self._drop_path(y, deterministic, rate))
+    else:
+      x_bnd = x_bnd + self._drop_path(attn(norm1(x_bnd), mask=attn_mask), deterministic, rate)
+      y = mlp(norm2(x_bnd))
+      x_bnd = x_bnd + self._drop_path(y, deterministic, rate)
     x_bnd = nn.with_logical_constraint(x_bnd, ('batch', 'tokens', 'embed'))
     return (x_bnd, y) if return_ffn else x_bnd
 
@@ -80,7 +99,10 @@ class Encoder(nn.Module):
   Attributes:
     stem: a patch stem module mapping [batch, time, freq] to a [batch, n_time, n_freq, width] grid
       (ConvPatchStem or AaPE).
-    max_time_patches: length of the fixed position table along time (750 = 2 min at 16 frames/patch).
+    max_time_patches: length of the position table along time (750 = 2 min at 16 frames/patch).
+    posemb: 'sincos', 'sincos_mae' or 'learned' (see the module docstring).
+    block_norm: 'pre' or 'post' (see the module docstring).
+    norm_eps: epsilon of every LayerNorm.
     remat: rematerialise each block in the backward pass (saves activation memory).
     scan_layers: run the blocks as one `nn.scan` (parameters stacked under 'blocks' with a leading
       'layers' axis) instead of unrolled 'blocks_0', 'blocks_1', ...: XLA compiles one block
@@ -100,8 +122,15 @@ class Encoder(nn.Module):
   remat: bool = False
   attention_impl: str | None = None
   scan_layers: bool = False
+  posemb: str = 'sincos'
+  block_norm: str = 'pre'
+  norm_eps: float = 1e-6
 
   def setup(self):
+    if self.posemb not in posemb.KINDS:
+      raise ValueError(f'Encoder: posemb={self.posemb!r}; choose one of {posemb.KINDS}.')
+    if self.block_norm not in BLOCK_NORMS:
+      raise ValueError(f'Encoder: block_norm={self.block_norm!r}; choose one of {BLOCK_NORMS}.')
     self.cls_token = self.param(
       'cls',
       nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, 'embed')),
@@ -110,7 +139,11 @@ class Encoder(nn.Module):
     )
     # Linearly increasing stochastic depth, as in DeiT/BEiT fine-tuning recipes.
     rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
-    self.norm = layer_norm('norm', self.dtype, self.param_dtype)
+    if self.block_norm == 'pre':
+      self.norm = layer_norm('norm', self.dtype, self.param_dtype, self.norm_eps)
+    else:
+      self.input_norm = layer_norm('input_norm', self.dtype, self.param_dtype, self.norm_eps)
+    block_options = dict(post_norm=self.block_norm == 'post', norm_eps=self.norm_eps)
     if self.scan_layers:
       self.drop_rates = jnp.asarray(rates, jnp.float32)
       block_cls = ScannedEncoderBlock
@@ -123,7 +156,15 @@ class Encoder(nn.Module):
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
         length=self.depth,
         metadata_params={nn.PARTITION_NAME: 'layers'},
-      )(self.num_heads, self.mlp_dim, 0.0, self.dtype, self.param_dtype, self.attention_impl)
+      )(
+        self.num_heads,
+        self.mlp_dim,
+        0.0,
+        self.dtype,
+        self.param_dtype,
+        self.attention_impl,
+        **block_options,
+      )
       return
     # static_argnums counts `self`: argument 3 is `deterministic`, 5 is `return_ffn`.
     block_cls = nn.remat(EncoderBlock, static_argnums=(3, 5)) if self.remat else EncoderBlock
@@ -135,17 +176,30 @@ class Encoder(nn.Module):
         self.dtype,
         self.param_dtype,
         self.attention_impl,
+        **block_options,
       )
       for i in range(self.depth)
     ]
 
+  @nn.compact
   def embed(self, x_btf):
     """Patchifies and adds positions. Returns (tokens [batch, n_time * n_freq, width], grid)."""
     grid_btfd = self.stem(x_btf)
     batch, n_time, n_freq, width = grid_btfd.shape
     if width != self.width:
       raise ValueError(f'Stem width {width} differs from encoder width {self.width}.')
-    pos_nd = posemb.grid_posemb(width, (n_time, n_freq), self.max_time_patches)
+    if self.posemb == 'learned':
+      # Created here (a compact method) because its frequency size is the input's patch grid.
+      posemb.check_length(n_time, self.max_time_patches)
+      table_tfd = self.param(
+        'posemb',
+        nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, None, 'embed')),
+        (self.max_time_patches, n_freq, width),
+        self.param_dtype,
+      )
+      pos_nd = table_tfd[:n_time].reshape(n_time * n_freq, width)
+    else:
+      pos_nd = posemb.grid_posemb(width, (n_time, n_freq), self.max_time_patches, self.posemb)
     tokens_bnd = grid_btfd.reshape(batch, n_time * n_freq, width) + jnp.asarray(pos_nd, self.dtype)
     tokens_bnd = nn.with_logical_constraint(
       tokens_bnd.astype(self.dtype), ('batch', 'tokens', 'embed')
@@ -160,7 +214,8 @@ class Encoder(nn.Module):
     return_layers: bool = False,
     layer_source: str = 'residual',
   ):
-    """Runs CLS + blocks + final norm over already position-embedded tokens.
+    """Runs CLS + blocks + final norm (pre-LN; post-LN: input norm + blocks) over already
+    position-embedded tokens.
 
     Args:
       tokens_bnd: [batch, n, width] tokens (any subset of the grid, positions already added).
@@ -186,6 +241,9 @@ class Encoder(nn.Module):
     if token_valid_bn is not None:
       valid_bn = jnp.concatenate([jnp.ones((batch, 1), bool), token_valid_bn.astype(bool)], axis=1)
       attn_mask = valid_bn[:, None, None, :]  # [batch, heads, queries, keys]
+    if self.block_norm == 'post':
+      # EAT: BlockEncoder's norm (context_encoder.norm / pre_norm) over CLS + patch tokens.
+      x_bnd = self.input_norm(x_bnd)
     if self.scan_layers:
       x_bnd, layers_lbnd = self.blocks(x_bnd, attn_mask, deterministic, self.drop_rates, return_ffn)
       layers = layers_lbnd[:, :, 1:] if return_layers else None
@@ -200,7 +258,8 @@ class Encoder(nn.Module):
         elif return_layers:
           per_block.append(x_bnd[:, 1:])
       layers = jnp.stack(per_block) if return_layers else None
-    x_bnd = self.norm(x_bnd)
+    if self.block_norm == 'pre':
+      x_bnd = self.norm(x_bnd)
     out = {'cls': x_bnd[:, 0], 'tokens': x_bnd[:, 1:]}
     if return_layers:
       out['layers'] = layers

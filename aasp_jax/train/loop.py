@@ -304,13 +304,7 @@ def train(config: ConfigDict, workdir: str) -> TrainResult:
 
 def _train(config, workdir, preemption, checkpoints) -> TrainResult:
   latest = checkpoints.latest_step()
-  if latest is not None:
-    try:
-      saved = checkpoints.saved_config(latest)
-    except Exception:  # noqa: BLE001 -- a damaged checkpoint is reported by the restore below
-      saved = None
-    if saved is not None:
-      checkpointing.check_resumable(saved, config, checkpoints.directory)
+  checkpoints.check_resumable(config)  # before compiling: another run's workdir is refused
 
   # ---------------------------------------------------------------- Mesh
   try:

@@ -92,5 +92,9 @@ def get_config(dataset: str, target_length: int) -> ConfigDict:
   c.log_every = 50
   c.num_devices = 0  # data-parallel over the first N local devices (0 = all)
   c.num_workers = 0  # grain worker processes that decode audio (raise on big machines)
-  c.workdir = config_dict.placeholder(str)  # the JSON summary goes here
+  # Checkpoints, metrics and the JSON summary go here; the same workdir again resumes the run.
+  c.workdir = config_dict.placeholder(str)
+  # Checkpoints (the fine-tuned classifier, its optimizer state and the data position) are written
+  # at every evaluation, every `every_steps` steps (0 = only then), on SIGTERM and at the end.
+  c.checkpoint = ConfigDict(dict(every_steps=0, keep=2, async_save=True))
   return c

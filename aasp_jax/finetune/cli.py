@@ -5,9 +5,12 @@
       --config.workdir=runs/ft_esc50/fold1 --config.batch_size=32
 
 Prints progress and the final metric ('accuracy' or 'mAP' on the test split / fold) and writes
-<workdir>/finetune_summary.json: the checkpoint, steps, training losses, every evaluation, skipped
-clips per reason and the resolved config. The config is locked: a misspelt override key fails
-while the flags are parsed, and bad values fail before any data is read or anything compiles
+into the workdir: checkpoints/<step> (the fine-tuned classifier: `aasp-predict WORKDIR AUDIO`,
+`aasp-export WORKDIR OUT`), metrics.jsonl and tensorboard/, and finetune_summary.json (the
+checkpoint, steps, training losses, every evaluation, skipped clips per reason and the resolved
+config). The same command again resumes from the newest checkpoint (after a SIGTERM, which saves
+one and exits 0); a finished run is evaluated again. The config is locked: a misspelt override key
+fails while the flags are parsed, and bad values fail before any data is read or anything compiles
 (exit status 2). The recipes are in configs/finetune/.
 """
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-
 
 from aasp_jax import configuration
 from aasp_jax.evaluate import cli_common
@@ -53,11 +55,9 @@ def parse_config(argv: Sequence[str]):
     raise configuration.ConfigError(
       '--config is required, e.g. --config=configs/finetune/esc50.py:test_fold=1.'
     )
-  from aasp_jax.evaluate import finetune
+  from aasp_jax.finetune import trainer
 
-  finetune.check_config(config)
-  if not config.workdir:
-    raise configuration.ConfigError('workdir is required: the run summary is written there.')
+  trainer.check_config(config)
   return config
 
 
@@ -67,9 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _finetune(config) -> int:
-  from aasp_jax.evaluate import finetune
+  from aasp_jax.finetune import trainer
 
-  finetuner = finetune.Finetuner(config)
+  finetuner = trainer.Finetuner(config)
   print(
     f'{PROG}: {config.dataset.name}: {len(finetuner.splits.train.entries)} training and '
     f'{len(finetuner.splits.test.entries)} test clips, {len(finetuner.splits.class_names)} '
@@ -78,13 +78,22 @@ def _finetune(config) -> int:
     flush=True,
   )
   result = finetuner.run()
+  if result.preempted:
+    print(
+      f'{PROG}: stopped by SIGTERM at step {result.steps}; checkpoint saved in '
+      f'{config.workdir}; rerun the same command to resume.',
+      flush=True,
+    )
+    return 0
   path = os.path.join(config.workdir, SUMMARY_FILE)
-  finetune.write_summary(result, config, path, finetuner.pretrained.source)
+  trainer.write_summary(result, config, path, finetuner.pretrained.source)
   skipped = {split: sum(counts.values()) for split, counts in result.skipped.items()}
+  loss = f'final train loss {result.train_loss[-1]:.4f}' if result.train_loss else 'no step trained'
+  resumed = f', resumed from step {result.start_step}' if result.start_step else ''
   print(
     f'{PROG}: {result.metric_name} = {result.metric_value:.4f} on {result.evals[-1]["clips"]} '
-    f'test clips after {result.steps} steps (final train loss {result.train_loss[-1]:.4f}); '
-    f'skipped clips {skipped}; wrote {path}',
+    f'test clips after {result.steps} steps ({loss}{resumed}); skipped clips {skipped}; '
+    f'classifier checkpoint step {result.checkpoint_step} in {config.workdir}; wrote {path}',
     flush=True,
   )
   return 0

@@ -1,56 +1,78 @@
-"""The AaSP encoder rebuilt in PyTorch from an export folder, front end included (no JAX, no Flax).
+"""An AaSP audio encoder in PyTorch, front end included: torch, numpy and safetensors only.
 
-  from aasp_jax.export.torch_model import AaSPEncoder
-  model = AaSPEncoder.from_pretrained('exports/quickstart')    # eval mode, float32, CPU
+This file is copied verbatim into every aasp-jax export folder, so the folder runs where neither
+JAX nor aasp-jax is installed:
+
+  import sys; sys.path.insert(0, 'exports/quickstart')
+  import aasp_torch
+  model = aasp_torch.AaSPEncoder.from_pretrained('exports/quickstart')  # eval mode, float32, CPU
   out = model.embed(waveforms_bs, num_samples_b)   # 'scene' [B, 2D], 'frames' [B, T', F' D], ...
-  x_btf = model.features(waveforms_bs)             # normalised log-mel of one window
+  x_btf = model.features(waveforms_bs)             # normalised log-mel of the first window
   tokens = model(x_btf)['tokens']                  # [B, patches, D]
+  classifier = aasp_torch.AaSPClassifier.from_pretrained(folder)  # a fine-tuned export
+  logits = classifier.predict(waveforms_bs, num_samples_b)         # [B, labels]
 
-This file mirrors, operation for operation, the JAX definitions it reproduces (and the parity test
-holds them to a relative error below 1e-4):
+It mirrors, operation for operation, the JAX definitions of aasp-jax it reproduces (its tests hold
+them to a relative error below 1e-4, ~1e-6 in practice):
 
 - front end: aasp_jax/audio/mel.py, fbank_host.py, fbank_device.py (Kaldi framing with
   snip_edges, per-frame DC removal, pre-emphasis, window, power spectrum, Kaldi mel banks, log
   floor, pad/crop to target_length with 0 in the log domain, normalisation);
 - stems: aasp_jax/models/conv_stem.py and aape.py / sblu.py (Lambda encoder, SBLU kernels,
   per-example depthwise convolution, envelope, pooling, projection, gate or concat fusion);
-- encoder: posemb.py (fixed 2-D sin-cos), attention.py and vit.py (pre-LN blocks, padded tokens
-  masked as attention keys, final norm);
+- encoder: posemb.py (fixed 2-D sin-cos, time or frequency first, or a learned table),
+  attention.py and vit.py (pre- or post-LN blocks, padded tokens masked as attention keys);
 - pooling: aasp_jax/evaluate/embed.py's Embedder with its defaults (windows of target_length
   frames without overlap, scene pooling 'cls_mean', timestamp pooling 'concat').
 
 The front end computes the spectrum in float64, as the host path does (in float32, bins just above
 the log floor of loud frames would be off by ~1e-3 in the log). Complex values are carried as
-(real, imag) pairs, so the module holds only real tensors. Weights are read from the native layout
-(flax names and shapes) and converted to PyTorch's on load: a Dense kernel [in, out] becomes
-`nn.Linear.weight` [out, in], a conv kernel HWIO becomes OIHW.
+(real, imag) pairs, so the module holds only real tensors. Every constant table (front-end
+matrices, position tables) is a non-persistent buffer recomputed by `reset_constants`, and the
+tables that depend on the input length are sliced or computed from its (possibly symbolic) size,
+so the encoder traces to ONNX with a dynamic time axis.
+
+Weights: model.safetensors holds this module's state dict under 'encoder.' (and a classifier's
+'classifier.weight' / 'classifier.bias'); config.json's 'model' section is the architecture,
+'frontend' the front-end preset, 'tensors' every tensor's shape.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aasp_jax.export import safetensors_io
-
-FORMAT = 'aasp-jax-encoder'
-FORMAT_VERSION = 1
-LAYOUT = 'native'
+FORMAT = 'aasp-jax-export'
+FORMAT_VERSION = 2
+LAYOUT = 'pytorch'
 WEIGHTS = 'model.safetensors'
 CONFIG = 'config.json'
 PREPROCESSOR = 'preprocessor_config.json'
+ENCODER_PREFIX = 'encoder.'
+HEAD_PREFIX = 'classifier.'
 
 # The config fields this rebuild reads, and those that do not change the function it computes
 # (precision, memory and kernel choices of the JAX run; the predictor is not part of the encoder).
 _MODEL_FIELDS = frozenset(
-  'variant width depth num_heads mlp_dim patch_t patch_f stem aape max_time_patches '
-  'drop_path dtype param_dtype remat scan_layers attention_impl predictor'.split()
+  'variant width depth num_heads mlp_dim patch_t patch_f stem aape max_time_patches posemb '
+  'block_norm norm_eps drop_path dtype param_dtype remat scan_layers attention_impl '
+  'predictor'.split()
 )
+_MODEL_CHOICES = {
+  'stem': ('conv', 'aape'),
+  'posemb': ('sincos', 'sincos_mae', 'learned'),
+  'block_norm': ('pre', 'post'),
+}
+# Fields older exports do not have: these defaults are what those models computed.
+_MODEL_DEFAULTS = {'posemb': 'sincos', 'block_norm': 'pre', 'norm_eps': 1e-6}
 _AAPE_FIELDS = frozenset(
   'num_modes kernel_size window phase lambda_mode fusion delta learn_delta '
   'num_mod_bands lambda_hidden'.split()
@@ -64,28 +86,40 @@ _AAPE_CHOICES = {
 _PRESET_FIELDS = frozenset(
   'name sample_rate frame_length_ms frame_shift_ms round_to_power_of_two '
   'num_mel_bins low_freq high_freq preemphasis remove_dc_offset window log_floor '
-  'subtract_waveform_mean waveform_scale target_length norm_mean norm_std norm_mode '
-  'feature_layout'.split()
+  'subtract_waveform_mean waveform_scale target_length norm_mean norm_std norm_mode'.split()
 )
 _WINDOWS = ('hann_symmetric', 'hann_periodic', 'hamming', 'povey')
 _NORM_MODES = ('audioset_2std', 'std')
 
 
+class ExportFormatError(ValueError):
+  """A file of an export folder is missing a field, corrupted or disagrees with the config."""
+
+
 def _unsupported(field: str, value, supported) -> ValueError:
   return ValueError(
-    f'{field}={value!r} is not supported by the PyTorch rebuild (aasp_jax.export.torch_model); '
-    f'it supports {supported}. Re-export a model with a supported setting or port the option.'
+    f'{field}={value!r} is not supported by the PyTorch rebuild (aasp_torch); it supports '
+    f'{supported}. Re-export a model with a supported setting or port the option.'
   )
+
+
+def model_options(model: dict) -> dict:
+  """The config's `model` section with the defaults of fields older exports lack."""
+  return {**_MODEL_DEFAULTS, **model}
 
 
 def check_model_config(model: dict) -> None:
   """Raises ValueError naming the field for any model option this rebuild does not implement."""
   for key in sorted(set(model) - _MODEL_FIELDS):
     raise _unsupported(f'model.{key}', model[key], f'only the fields {sorted(_MODEL_FIELDS)}')
+  model = model_options(model)
   if model.get('scan_layers'):
-    raise _unsupported('model.scan_layers', True, 'the unrolled native layout (False)')
-  if model['stem'] not in ('conv', 'aape'):
-    raise _unsupported('model.stem', model['stem'], ('conv', 'aape'))
+    raise _unsupported('model.scan_layers', True, 'the unrolled layout (False)')
+  for key, choices in _MODEL_CHOICES.items():
+    if model[key] not in choices:
+      raise _unsupported(f'model.{key}', model[key], choices)
+  if not model['norm_eps'] > 0:
+    raise _unsupported('model.norm_eps', model['norm_eps'], 'positive values')
   if model['stem'] == 'aape':
     aape = model['aape']
     for key in sorted(set(aape) - _AAPE_FIELDS):
@@ -102,13 +136,13 @@ def check_model_config(model: dict) -> None:
 def check_preset(preset: dict) -> None:
   """Raises ValueError naming the field for any front-end option this rebuild does not implement."""
   for key in sorted(set(preset) - _PRESET_FIELDS):
-    raise _unsupported(
-      f'preprocessor.{key}', preset[key], f'only the fields {sorted(_PRESET_FIELDS)}'
-    )
+    raise _unsupported(f'frontend.{key}', preset[key], f'only the fields {sorted(_PRESET_FIELDS)}')
+  for key in sorted(_PRESET_FIELDS - set(preset)):
+    raise ValueError(f'the front-end preset has no field {key!r}.')
   if preset['window'] not in _WINDOWS:
-    raise _unsupported('preprocessor.window', preset['window'], _WINDOWS)
+    raise _unsupported('frontend.window', preset['window'], _WINDOWS)
   if preset['norm_mode'] not in _NORM_MODES:
-    raise _unsupported('preprocessor.norm_mode', preset['norm_mode'], _NORM_MODES)
+    raise _unsupported('frontend.norm_mode', preset['norm_mode'], _NORM_MODES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,17 +230,30 @@ def frame_spectrum_matrix(opts: FrontEndOptions) -> np.ndarray:
   return np.concatenate([spectrum.real, spectrum.imag], axis=1)
 
 
+def _constant(module: nn.Module, name: str, array: np.ndarray) -> None:
+  """Registers (or refills in place) the non-persistent buffer `name`: constants are functions of
+  the config, so they are not stored in model.safetensors."""
+  value = torch.from_numpy(np.ascontiguousarray(array))
+  buffer = getattr(module, name, None)
+  if isinstance(buffer, torch.Tensor) and buffer.device.type != 'meta':
+    with torch.no_grad():
+      buffer.copy_(value)
+  else:
+    module.register_buffer(name, value, persistent=False)
+
+
 class LogMelFrontEnd(nn.Module):
   """Waveforms [B, S] (with true lengths [B]) -> normalised log-mel [B, target_length, mel]."""
 
   def __init__(self, preset: dict):
     super().__init__()
     self.opts = FrontEndOptions(preset)
+    self.reset_constants()
+
+  def reset_constants(self) -> None:
     # float64 constants: the spectrum's cancellations need them (see the module docstring).
-    self.register_buffer(
-      'spectrum_matrix', torch.from_numpy(frame_spectrum_matrix(self.opts)), persistent=False
-    )
-    self.register_buffer('mel_banks', torch.from_numpy(mel_banks(self.opts)), persistent=False)
+    _constant(self, 'spectrum_matrix', frame_spectrum_matrix(self.opts))
+    _constant(self, 'mel_banks', mel_banks(self.opts))
 
   def checked_lengths(self, waveform_bs: torch.Tensor, num_samples_b) -> torch.Tensor:
     """int64 [B] true clip lengths (default: all S samples), each in [0, S]."""
@@ -274,6 +321,8 @@ class LogMelFrontEnd(nn.Module):
 
 
 def _check_grid(x_btf: torch.Tensor, patch_t: int, patch_f: int) -> None:
+  if torch.jit.is_tracing():
+    return  # sizes are symbolic while tracing; the ONNX export checks its own input sizes
   if x_btf.ndim != 3 or x_btf.shape[1] % patch_t or x_btf.shape[2] % patch_f:
     raise ValueError(
       f'expected a log-mel batch [B, T, F] with T a multiple of {patch_t} and F of {patch_f}; '
@@ -359,25 +408,25 @@ def depthwise_conv_same(u_btf, h_re_bgnk, h_im_bgnk):
   return y_btgpc[..., :num_n], y_btgpc[..., num_n:]
 
 
-def modulation_pooling_matrix(num_t: int, num_bands: int) -> np.ndarray:
-  """sblu.modulation_pooling_matrix: float32 [num_t // 2, num_bands] triangular band pooling of
-  the non-DC rFFT bins; columns sum to 1."""
-  if num_t < 2:
-    raise ValueError(f'need at least 2 frames for a modulation spectrum; got T={num_t}.')
-  theta_k = 2.0 * np.pi * np.arange(1, num_t // 2 + 1) / num_t
-  theta_b = np.pi * (np.arange(num_bands) + 0.5) / num_bands
-  width = max(np.pi / num_bands, 2.0 * np.pi / num_t)
-  weights = np.maximum(0.0, 1.0 - np.abs(theta_k[:, None] - theta_b[None, :]) / width)
-  return (weights / weights.sum(axis=0, keepdims=True)).astype(np.float32)
-
-
-def _modulation_dft(num_t: int) -> tuple[torch.Tensor, torch.Tensor]:
-  """float32 cos/sin matrices [T, T // 2] of rFFT bins 1 .. T // 2 (a real DFT: no complex op)."""
-  k = np.arange(1, num_t // 2 + 1)
-  angle = 2.0 * np.pi * np.outer(np.arange(num_t), k) / num_t
-  return torch.from_numpy(np.cos(angle).astype(np.float32)), torch.from_numpy(
-    -np.sin(angle).astype(np.float32)
-  )
+def modulation_tables(num_t, num_bands: int, device=None):
+  """float32 (cos [T, T // 2], -sin [T, T // 2], pooling [T // 2, num_bands]) for a T-frame input:
+  the real DFT of rFFT bins 1 .. T // 2 and sblu.modulation_pooling_matrix (triangular bands over
+  the non-DC bins, columns summing to 1). Computed in float64 in the same order of operations as
+  the numpy definitions, from T as a (possibly symbolic) size, so an exported graph serves any
+  input length."""
+  n = torch.arange(num_t, device=device)
+  k = torch.arange(1, num_t // 2 + 1, device=device)
+  angle = 2.0 * math.pi * (n[:, None] * k[None, :]).to(torch.float64) / num_t
+  cos_tk = torch.cos(angle).to(torch.float32)
+  sin_tk = -torch.sin(angle).to(torch.float32)
+  theta_k = 2.0 * math.pi * k.to(torch.float64) / num_t
+  theta_b = math.pi * (torch.arange(num_bands, dtype=torch.float64, device=device) + 0.5)
+  theta_b = theta_b / num_bands
+  # max(pi / bands, 2 pi / T); 2 pi / T is theta_k[0], computed the same way.
+  width = torch.clamp(theta_k[:1], min=math.pi / num_bands)
+  weights = torch.clamp(1.0 - (theta_k[:, None] - theta_b[None, :]).abs() / width, min=0.0)
+  pool_kc = (weights / weights.sum(dim=0, keepdim=True)).to(torch.float32)
+  return cos_tk, sin_tk, pool_kc
 
 
 class LambdaEncoder(nn.Module):
@@ -397,16 +446,6 @@ class LambdaEncoder(nn.Module):
     self.hidden = nn.Linear(self.num_bands, hidden)
     self.group_embedding = nn.Parameter(torch.zeros(num_groups, hidden))
     self.out = nn.Linear(hidden, 2 * self.num_modes)
-    self._tables: dict[tuple, tuple] = {}
-
-  def _table(self, num_t: int, device: torch.device):
-    # Constants of the input length, made once per length and device (not parameters).
-    key = (num_t, str(device))
-    if key not in self._tables:
-      cos, sin = _modulation_dft(num_t)
-      pool = torch.from_numpy(modulation_pooling_matrix(num_t, self.num_bands))
-      self._tables[key] = (cos.to(device), sin.to(device), pool.to(device))
-    return self._tables[key]
 
   def forward(self, x_btf: torch.Tensor, delta):
     batch, num_t, num_f = x_btf.shape
@@ -417,7 +456,7 @@ class LambdaEncoder(nn.Module):
       return constrain_lambda(z_alpha, z_omega, self.kernel_size, self.patch_t, delta)
     u_btg = x_btf.reshape(batch, num_t, num_g, self.patch_f).mean(-1)
     u_btg = u_btg - u_btg.mean(dim=1, keepdim=True)
-    cos_tk, sin_tk, pool_kc = self._table(num_t, x_btf.device)
+    cos_tk, sin_tk, pool_kc = modulation_tables(num_t, self.num_bands, x_btf.device)
     re_bgk = torch.einsum('btg,tk->bgk', u_btg, cos_tk) / num_t
     im_bgk = torch.einsum('btg,tk->bgk', u_btg, sin_tk) / num_t
     logmag_bgk = torch.log(torch.sqrt(re_bgk * re_bgk + im_bgk * im_bgk) + _LOG_FLOOR)
@@ -487,28 +526,27 @@ class AaPEStem(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+  """posemb._sincos_1d: float64 [P, dim], half sines, half cosines, geometric frequencies."""
   omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
   angles = np.einsum('p,d->pd', positions.astype(np.float64), omega)
   return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
-def grid_posemb(dim: int, num_time: int, num_freq: int) -> np.ndarray:
-  """posemb.grid_posemb: float32 [num_time * num_freq, dim], time in the first half of the width,
-  frequency in the second, flattened time-major. (Each row depends only on its own position, so
-  computing num_time rows equals cropping the max_time_patches table.)"""
+def sincos_table(dim: int, num_time: int, num_freq: int, kind: str = 'sincos') -> np.ndarray:
+  """posemb.sincos_table: float32 [num_time, num_freq, dim]; 'sincos' encodes time in the first
+  half of the width and frequency in the second, 'sincos_mae' (MAE / Audio-MAE / EAT) the
+  reverse."""
   if dim % 4:
     raise ValueError(f'2-D sin-cos embedding needs a width divisible by 4, got {dim}.')
-  t_emb = _sincos_1d(dim // 2, np.arange(num_time))
-  f_emb = _sincos_1d(dim // 2, np.arange(num_freq))
-  table = np.concatenate(
-    [
-      np.broadcast_to(t_emb[:, None, :], (num_time, num_freq, dim // 2)),
-      np.broadcast_to(f_emb[None, :, :], (num_time, num_freq, dim // 2)),
-    ],
-    axis=-1,
+  t_emb = np.broadcast_to(
+    sincos_1d(dim // 2, np.arange(num_time))[:, None], (num_time, num_freq, dim // 2)
   )
-  return table.astype(np.float32).reshape(num_time * num_freq, dim)
+  f_emb = np.broadcast_to(
+    sincos_1d(dim // 2, np.arange(num_freq))[None], (num_time, num_freq, dim // 2)
+  )
+  halves = [t_emb, f_emb] if kind == 'sincos' else [f_emb, t_emb]
+  return np.concatenate(halves, axis=-1).astype(np.float32)
 
 
 class Attention(nn.Module):
@@ -544,42 +582,40 @@ class Mlp(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN transformer block (vit.EncoderBlock; LayerNorm epsilon 1e-6 as timm)."""
+  """Transformer block (vit.EncoderBlock): pre-LN x + f(norm(x)), or post-LN norm(x + f(x))."""
 
-  def __init__(self, width: int, num_heads: int, mlp_dim: int):
+  def __init__(self, width: int, num_heads: int, mlp_dim: int, block_norm='pre', eps=1e-6):
     super().__init__()
-    self.norm1 = nn.LayerNorm(width, eps=1e-6)
+    self.post = block_norm == 'post'
+    self.norm1 = nn.LayerNorm(width, eps=eps)
     self.attn = Attention(width, num_heads)
-    self.norm2 = nn.LayerNorm(width, eps=1e-6)
+    self.norm2 = nn.LayerNorm(width, eps=eps)
     self.mlp = Mlp(width, mlp_dim)
 
   def forward(self, x_bnd, mask_b11n=None):
+    if self.post:
+      x_bnd = self.norm1(x_bnd + self.attn(x_bnd, mask_b11n))
+      return self.norm2(x_bnd + self.mlp(x_bnd))
     x_bnd = x_bnd + self.attn(self.norm1(x_bnd), mask_b11n)
     return x_bnd + self.mlp(self.norm2(x_bnd))
 
 
-def _native_prefix(torch_name: str) -> str:
-  """'blocks.3.attn.query' -> 'blocks_3.attn.query' (flax names unrolled blocks blocks_N)."""
-  parts = torch_name.split('.')
-  if len(parts) >= 2 and parts[0] == 'blocks':
-    parts = [f'blocks_{parts[1]}'] + parts[2:]
-  return '.'.join(parts)
-
-
 class AaSPEncoder(nn.Module):
-  """The exported encoder: front end, patch stem, positions, CLS, blocks, final norm, pooling.
+  """The exported encoder: front end, patch stem, positions, CLS, blocks, norm(s), pooling.
 
   Attributes:
-    config: config.json's dict; `model` is its 'model' section.
-    preset: preprocessor_config.json's dict.
+    model: config.json's 'model' section (the architecture).
+    preset: the front-end preset (config.json's 'frontend').
+    config: config.json's dict, when loaded with `from_pretrained`.
     front_end: the `LogMelFrontEnd`.
   """
 
-  def __init__(self, config: dict, preset: dict):
+  def __init__(self, model: dict, preset: dict):
     super().__init__()
-    model = config['model']
     check_model_config(model)
-    self.config, self.model, self.preset = config, model, dict(preset)
+    self.config = {'model': dict(model), 'frontend': dict(preset)}
+    self.model, self.preset = model_options(model), dict(preset)
+    model = self.model
     self.front_end = LogMelFrontEnd(preset)
     opts = self.front_end.opts
     self.width, self.patch_t, self.patch_f = model['width'], model['patch_t'], model['patch_f']
@@ -589,71 +625,40 @@ class AaSPEncoder(nn.Module):
         f'into {self.patch_t} x {self.patch_f} patches.'
       )
     self.n_freq = opts.num_mel_bins // self.patch_f
+    self.max_time_patches = model['max_time_patches']
+    self.posemb_kind, self.block_norm = model['posemb'], model['block_norm']
+    eps = float(model['norm_eps'])
     if model['stem'] == 'conv':
       self.stem = ConvPatchStem(self.width, self.patch_t, self.patch_f)
     else:
       self.stem = AaPEStem(self.width, self.patch_t, self.patch_f, opts.num_mel_bins, model['aape'])
     self.cls = nn.Parameter(torch.zeros(1, 1, self.width))
+    if self.posemb_kind == 'learned':
+      self.posemb = nn.Parameter(torch.zeros(self.max_time_patches, self.n_freq, self.width))
+    if self.block_norm == 'post':
+      self.input_norm = nn.LayerNorm(self.width, eps=eps)
     self.blocks = nn.ModuleList(
-      EncoderBlock(self.width, model['num_heads'], model['mlp_dim']) for _ in range(model['depth'])
+      EncoderBlock(self.width, model['num_heads'], model['mlp_dim'], self.block_norm, eps)
+      for _ in range(model['depth'])
     )
-    self.norm = nn.LayerNorm(self.width, eps=1e-6)
-    self.max_time_patches = model['max_time_patches']
-    self._posemb: dict[tuple, torch.Tensor] = {}
+    if self.block_norm == 'pre':
+      self.norm = nn.LayerNorm(self.width, eps=eps)
+    self.reset_constants()
 
-  # Weights -------------------------------------------------------------------------------------
+  def reset_constants(self) -> None:
+    """(Re)computes the fixed position tables (non-persistent buffers; none for 'learned')."""
+    if self.posemb_kind == 'learned':
+      return
+    # The time and frequency halves are kept apart, [max_time_patches, D/2] and [n_freq, D/2], and
+    # the grid is assembled per input: the rows equal sincos_table's, in far less memory.
+    half = self.width // 2
+    if self.width % 4:
+      raise ValueError(f'2-D sin-cos embedding needs a width divisible by 4, got {self.width}.')
+    time_table = sincos_1d(half, np.arange(self.max_time_patches)).astype(np.float32)
+    _constant(self, 'posemb_time', time_table)
+    _constant(self, 'posemb_freq', sincos_1d(half, np.arange(self.n_freq)).astype(np.float32))
 
-  def native_parameters(self) -> dict[str, tuple[nn.Parameter, str]]:
-    """{native (flax) tensor name: (this module's parameter, conversion)}, conversion being
-    'dense' ([in, out] -> [out, in]), 'conv' (HWIO -> OIHW) or 'same'."""
-    out = {}
-    for name, module in self.named_modules():
-      prefix = _native_prefix(name)
-      join = (prefix + '.') if prefix else ''
-      if isinstance(module, nn.Linear):
-        out[join + 'kernel'] = (module.weight, 'dense')
-        out[join + 'bias'] = (module.bias, 'same')
-      elif isinstance(module, nn.Conv2d):
-        out[join + 'kernel'] = (module.weight, 'conv')
-        out[join + 'bias'] = (module.bias, 'same')
-      elif isinstance(module, nn.LayerNorm):
-        out[join + 'scale'] = (module.weight, 'same')
-        out[join + 'bias'] = (module.bias, 'same')
-      else:
-        for pname, param in module.named_parameters(recurse=False):
-          out[join + pname] = (param, 'same')
-    return out
-
-  def native_shapes(self) -> dict[str, tuple[int, ...]]:
-    """{native tensor name: native shape} of the architecture this module was built for."""
-    shapes = {}
-    for name, (param, kind) in self.native_parameters().items():
-      shape = tuple(param.shape)
-      if kind == 'dense':
-        shape = shape[::-1]
-      elif kind == 'conv':
-        shape = (shape[2], shape[3], shape[1], shape[0])
-      shapes[name] = shape
-    return shapes
-
-  def load_native(self, tensors: dict, where: str = 'the tensors') -> None:
-    """Copies native-layout arrays in; a missing, extra or mis-shaped tensor raises ValueError
-    naming it, its expected shape and `where`."""
-    expected = self.native_shapes()
-    _compare(
-      {k: tuple(np.shape(v)) for k, v in tensors.items()},
-      expected,
-      where,
-      f'the {self.model["stem"]}-stem architecture of config.json',
-    )
-    with torch.no_grad():
-      for name, (param, kind) in self.native_parameters().items():
-        array = np.asarray(tensors[name], dtype=np.float32)
-        if kind == 'dense':
-          array = array.T
-        elif kind == 'conv':
-          array = array.transpose(3, 2, 0, 1)
-        param.copy_(torch.from_numpy(np.array(array, order='C')))
+  # Loading --------------------------------------------------------------------------------------
 
   @classmethod
   def from_pretrained(cls, export_dir: str | os.PathLike) -> AaSPEncoder:
@@ -661,58 +666,50 @@ class AaSPEncoder(nn.Module):
 
     Raises:
       FileNotFoundError: for a missing file of the folder.
-      ValueError (safetensors_io.ExportFormatError for a bad file): naming the file, and for a
-        tensor its name and expected shape; or naming the config field of an unsupported option.
+      ValueError (`ExportFormatError` for a bad file): naming the file, and for a tensor its name
+        and expected shape; or naming the config field of an unsupported option.
     """
-    export_dir = os.fspath(export_dir)
-    config_path = os.path.join(export_dir, CONFIG)
-    config = _read_json(config_path)
-    for key, want in (('format', FORMAT), ('format_version', FORMAT_VERSION), ('layout', LAYOUT)):
-      if config.get(key) != want:
-        raise safetensors_io.ExportFormatError(
-          f'{config_path}: {key} is {config.get(key)!r}; this reader handles {want!r}.'
-        )
-    if not isinstance(config.get('model'), dict) or not isinstance(config.get('tensors'), dict):
-      raise safetensors_io.ExportFormatError(
-        f"{config_path}: needs the 'model' and 'tensors' sections."
-      )
-    preset = _read_json(os.path.join(export_dir, PREPROCESSOR))
-    weights_path = os.path.join(export_dir, WEIGHTS)
-    if not os.path.isfile(weights_path):
-      raise FileNotFoundError(f'{weights_path}: missing (every export folder has {WEIGHTS}).')
-    tensors, _ = safetensors_io.load(weights_path)
-    _compare(
-      {k: v.shape for k, v in tensors.items()},
-      {k: tuple(v) for k, v in config['tensors'].items()},
-      weights_path,
-      f"{config_path}'s 'tensors'",
-    )
-    model = cls(config, preset)
-    # config.json's list must itself be the architecture its 'model' section describes.
-    _compare(
-      {k: tuple(v) for k, v in config['tensors'].items()},
-      model.native_shapes(),
-      f"{config_path}'s 'tensors'",
-      f"the architecture of {config_path}'s 'model' section",
-    )
-    model.load_native(tensors, weights_path)
+    config, tensors, where = read_export(export_dir)
+    model = cls(config['model'], config['frontend'])
+    model.config = config
+    encoder = {k: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}
+    model.load_tensors(encoder, where, prefix=ENCODER_PREFIX)
     return model.eval()
+
+  def load_tensors(self, tensors: dict, where: str = 'the tensors', prefix: str = '') -> None:
+    """Copies a state dict in (names carry `prefix`); a missing, extra or mis-shaped tensor raises
+    ExportFormatError naming it, its expected shape and `where`."""
+    expected = {prefix + k: tuple(v.shape) for k, v in self.state_dict().items()}
+    compare_tensors(
+      {k: tuple(v.shape) for k, v in tensors.items()},
+      expected,
+      where,
+      f"the architecture of config.json's 'model' section ({self.model['stem']} stem)",
+    )
+    state = {k[len(prefix) :]: torch.as_tensor(v, dtype=torch.float32) for k, v in tensors.items()}
+    self.load_state_dict(state, strict=True)
 
   # Forward -------------------------------------------------------------------------------------
 
-  def _positions(self, n_time: int) -> torch.Tensor:
-    if n_time > self.max_time_patches:
+  def positions(self, n_time) -> torch.Tensor:
+    """float32 [n_time * n_freq, D], time-major: the position table cropped to n_time patches."""
+    if not torch.jit.is_tracing() and n_time > self.max_time_patches:
       raise ValueError(
         f'input has {n_time} time patches but the position table holds {self.max_time_patches}.'
       )
-    key = (n_time, str(self.cls.device))
-    if key not in self._posemb:
-      table = torch.from_numpy(grid_posemb(self.width, n_time, self.n_freq))
-      self._posemb[key] = table.to(self.cls.device)
-    return self._posemb[key]
+    if self.posemb_kind == 'learned':
+      table = self.posemb[:n_time]
+    else:
+      half = self.width // 2
+      t_emb = self.posemb_time[:n_time][:, None, :].expand(n_time, self.n_freq, half)
+      f_emb = self.posemb_freq[None, :, :].expand(n_time, self.n_freq, half)
+      halves = [t_emb, f_emb] if self.posemb_kind == 'sincos' else [f_emb, t_emb]
+      table = torch.cat(halves, dim=-1)
+    return table.reshape(n_time * self.n_freq, self.width)
 
   def forward(self, log_mel_btf: torch.Tensor, token_valid=None) -> dict[str, torch.Tensor]:
-    """Encodes normalised log-mel [B, T, mel] (T a multiple of patch_t).
+    """Encodes normalised log-mel [B, T, mel] (T a multiple of patch_t, up to
+    max_time_patches * patch_t frames).
 
     Args:
       log_mel_btf: float log-mel, e.g. from `features`.
@@ -720,12 +717,13 @@ class AaSPEncoder(nn.Module):
         token may attend to.
 
     Returns:
-      {'cls': [B, D], 'tokens': [B, n_time * n_freq, D]} after the final norm.
+      {'cls': [B, D], 'tokens': [B, n_time * n_freq, D]}, after the final norm (pre-LN) or the
+      last block (post-LN).
     """
     x_btf = torch.as_tensor(log_mel_btf, dtype=torch.float32, device=self.cls.device)
     grid_btfd = self.stem(x_btf)
     batch, n_time, n_freq, width = grid_btfd.shape
-    tokens_bnd = grid_btfd.reshape(batch, n_time * n_freq, width) + self._positions(n_time)
+    tokens_bnd = grid_btfd.reshape(batch, n_time * n_freq, width) + self.positions(n_time)
     x_bnd = torch.cat([self.cls.expand(batch, 1, width), tokens_bnd], dim=1)
     mask = None
     if token_valid is not None:
@@ -738,14 +736,17 @@ class AaSPEncoder(nn.Module):
         [torch.ones(batch, 1, dtype=torch.bool, device=x_btf.device), valid_bn], dim=1
       )
       mask = valid_bn[:, None, None, :]
+    if self.block_norm == 'post':
+      x_bnd = self.input_norm(x_bnd)
     for block in self.blocks:
       x_bnd = block(x_bnd, mask)
-    x_bnd = self.norm(x_bnd)
+    if self.block_norm == 'pre':
+      x_bnd = self.norm(x_bnd)
     return {'cls': x_bnd[:, 0], 'tokens': x_bnd[:, 1:]}
 
   def features(self, waveform_bs: torch.Tensor, num_samples_b=None) -> torch.Tensor:
     """Normalised log-mel [B, target_length, mel] of waveforms [B, S] at the preset's sample rate
-    (zero-padded to S; true lengths `num_samples_b` [B], default S)."""
+    (zero-padded to S; true lengths `num_samples_b` [B], default S): the clips' first window."""
     return self.front_end(waveform_bs, num_samples_b)
 
   def token_valid(self, num_samples_b) -> torch.Tensor:
@@ -865,25 +866,165 @@ class AaSPEncoder(nn.Module):
     return {'scene': torch.stack(scenes), 'frames': frames_btc, 'timestamps_ms': times_bt}
 
 
-def _read_json(path: str) -> dict:
-  return safetensors_io.read_json_object(path, f'{CONFIG}, {PREPROCESSOR} and the weights')
+class AaSPClassifier(nn.Module):
+  """A fine-tuned encoder with its linear head: logits = classifier(encoder(log_mel)['cls']).
+
+  Attributes:
+    encoder: the `AaSPEncoder`.
+    classifier: nn.Linear(D, num_labels).
+    labels: the label names, in logit order.
+    multilabel: True when the labels are independent (sigmoid), False for one label (softmax).
+  """
+
+  def __init__(self, model: dict, preset: dict, labels, multilabel: bool = False):
+    super().__init__()
+    self.encoder = AaSPEncoder(model, preset)
+    self.labels, self.multilabel = tuple(labels), bool(multilabel)
+    self.classifier = nn.Linear(self.encoder.width, len(self.labels))
+
+  @classmethod
+  def from_pretrained(cls, export_dir: str | os.PathLike) -> AaSPClassifier:
+    """The classifier of an aasp-jax classification export (config.json has 'id2label')."""
+    config, tensors, where = read_export(export_dir)
+    id2label = config.get('id2label')
+    if not isinstance(id2label, dict) or not id2label:
+      raise ExportFormatError(
+        f'{os.path.join(os.fspath(export_dir), CONFIG)}: no id2label: this export is an encoder '
+        'without a classification head (load it with AaSPEncoder.from_pretrained).'
+      )
+    labels = [id2label[str(i)] for i in range(len(id2label))]
+    multilabel = config.get('problem_type') == 'multi_label_classification'
+    model = cls(config['model'], config['frontend'], labels, multilabel)
+    model.encoder.config = config
+    model.load_tensors(tensors, where)
+    return model.eval()
+
+  def load_tensors(self, tensors: dict, where: str = 'the tensors') -> None:
+    """Copies the state dict in ('encoder.*', 'classifier.*'), with errors as
+    `AaSPEncoder.load_tensors`."""
+    compare_tensors(
+      {k: tuple(v.shape) for k, v in tensors.items()},
+      {k: tuple(v.shape) for k, v in self.state_dict().items()},
+      where,
+      f"the architecture of config.json's 'model' section with {len(self.labels)} labels",
+    )
+    state = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in tensors.items()}
+    self.load_state_dict(state, strict=True)
+
+  def forward(self, log_mel_btf: torch.Tensor, token_valid=None) -> torch.Tensor:
+    """Logits [B, num_labels] of normalised log-mel [B, T, mel]."""
+    return self.classifier(self.encoder(log_mel_btf, token_valid)['cls'])
+
+  @torch.no_grad()
+  def predict(self, waveform_bs: torch.Tensor, num_samples_b=None) -> torch.Tensor:
+    """Logits [B, num_labels] of each clip's first window (from its start, zero-padded, as
+    `AaSPEncoder.features` gives it; no token mask, as in fine-tuning)."""
+    return self(self.encoder.features(waveform_bs, num_samples_b))
 
 
-def _compare(got: dict, want: dict, got_what: str, want_what: str) -> None:
+# ----------------------------------------------------------------------------------------------
+# Export folders
+# ----------------------------------------------------------------------------------------------
+
+
+def read_json(path: str) -> dict:
+  """A JSON object file of an export folder, with errors naming the file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f'{path}: missing (an aasp-jax export folder holds {CONFIG}, {WEIGHTS}).'
+    )
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+  except (UnicodeDecodeError, ValueError) as e:
+    raise ExportFormatError(f'{path}: not valid JSON ({e}).') from None
+  if not isinstance(value, dict):
+    raise ExportFormatError(f'{path}: must hold a JSON object.')
+  return value
+
+
+def check_config(config: dict, path: str) -> None:
+  """The config.json fields every reader relies on."""
+  for key in ('format', 'format_version', 'model', 'frontend', 'tensors'):
+    if key not in config:
+      raise ExportFormatError(f'{path}: missing key {key!r}.')
+  if config['format'] != FORMAT or config.get('layout') != LAYOUT:
+    raise ExportFormatError(
+      f'{path}: format {config["format"]!r} / layout {config.get("layout")!r}; this reader '
+      f'handles {FORMAT!r} / {LAYOUT!r} (an older aasp-jax wrote it: export the checkpoint again).'
+    )
+  if config['format_version'] != FORMAT_VERSION:
+    raise ExportFormatError(
+      f'{path}: format_version {config["format_version"]!r}; this reader handles '
+      f'{FORMAT_VERSION} (export the checkpoint again with a matching aasp-jax version).'
+    )
+  if not isinstance(config['model'], dict) or not isinstance(config['frontend'], dict):
+    raise ExportFormatError(f"{path}: 'model' and 'frontend' must be JSON objects.")
+  tensors = config['tensors']
+  if not isinstance(tensors, dict) or not all(
+    isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in tensors.values()
+  ):
+    raise ExportFormatError(f"{path}: 'tensors' must map names to lists of sizes.")
+
+
+def read_weights(path: str) -> dict[str, np.ndarray]:
+  """{name: float32 array} of a safetensors file, with errors naming the file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: missing (every export folder has {WEIGHTS}).')
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    head = f.read(8)
+  length = int.from_bytes(head, 'little') if len(head) == 8 else None
+  if length is None or 8 + length > size:
+    raise ExportFormatError(
+      f'{path}: the header length field says {length} bytes but the file has {size} bytes: the '
+      'file is truncated or not safetensors.'
+    )
+  try:
+    tensors = safetensors.numpy.load_file(path)
+  except (safetensors.SafetensorError, ValueError, OSError) as e:
+    raise ExportFormatError(
+      f'{path}: not a readable safetensors file ({e}); it is truncated or corrupted.'
+    ) from None
+  for name, array in tensors.items():
+    if array.dtype != np.float32:
+      raise ExportFormatError(f'{path}: tensor {name!r} is {array.dtype}, not float32.')
+  return tensors
+
+
+def read_export(export_dir: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], str]:
+  """(config.json's dict, {name: float32 array}, weights path) of an export folder, the tensors
+  checked against config.json's 'tensors' list."""
+  export_dir = os.fspath(export_dir)
+  config_path = os.path.join(export_dir, CONFIG)
+  config = read_json(config_path)
+  check_config(config, config_path)
+  weights_path = os.path.join(export_dir, WEIGHTS)
+  tensors = read_weights(weights_path)
+  compare_tensors(
+    {k: v.shape for k, v in tensors.items()},
+    config['tensors'],
+    weights_path,
+    f"{config_path}'s 'tensors'",
+  )
+  return config, tensors, weights_path
+
+
+def compare_tensors(got: dict, want: dict, got_what: str, want_what: str) -> None:
   """Raises ExportFormatError naming the first missing / extra / mis-shaped tensor."""
   for name in sorted(want):
     if name not in got:
-      raise safetensors_io.ExportFormatError(
+      raise ExportFormatError(
         f'tensor {name!r} (expected shape {list(want[name])}, as {want_what}) is missing from '
         f'{got_what}.'
       )
   for name in sorted(got):
     if name not in want:
-      raise safetensors_io.ExportFormatError(
+      raise ExportFormatError(
         f'tensor {name!r} (shape {list(got[name])}) in {got_what} is not one {want_what} has.'
       )
     if tuple(got[name]) != tuple(want[name]):
-      raise safetensors_io.ExportFormatError(
+      raise ExportFormatError(
         f'tensor {name!r} has shape {list(got[name])} in {got_what}, but {want_what} expected '
         f'shape {list(want[name])}.'
       )
