@@ -319,7 +319,7 @@ def test_config_and_preprocessor_are_what_transformers_reads(exported):
     'teacher',
     2,
     'tiny_conv',
-    'audio',
+    'fixtures/audio',
   )
   assert config['aasp_jax_version'] and 'id2label' not in config
   with open(os.path.join(classifier_dir, 'config.json')) as f:
@@ -353,7 +353,7 @@ def test_the_model_card_has_a_yaml_header_the_files_and_three_ways_to_load(expor
     meta = yaml.safe_load(card.split('---\n')[1])
     assert meta['license'] == 'apache-2.0' and meta['library_name'] == 'transformers'
     assert {'audio', 'audio-spectrogram-transformer', 'aasp'} <= set(meta['tags'])
-    assert meta['data'] == 'audio' and meta['pipeline_tag'].startswith(pipeline)
+    assert meta['data'] == 'fixtures/audio' and meta['pipeline_tag'].startswith(pipeline)
     for name in (*exporter.FILES, 'model.onnx'):
       assert f'- `{name}`' in card, name
     assert 'timm_model.safetensors' not in card  # not written here

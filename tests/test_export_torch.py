@@ -297,7 +297,7 @@ def test_export_folder_holds_the_checkpoint_exactly_and_no_pickle(
     'student',
     2,
     'tiny_aape',
-    'audio',
+    'fixtures/audio',
   )
   assert presets_lib.FrontEndPreset.from_dict(config['frontend']) == student.preset
   preprocessor = json.loads((folder / 'preprocessor_config.json').read_text())

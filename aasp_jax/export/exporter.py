@@ -299,9 +299,15 @@ def run_name(source: str) -> str:
 
 
 def _data_name(data) -> str | None:
+  """The training data as the card names it: the last two parts of each path of `data.train`
+  ('/data/sonicpi/labels.csv' -> 'sonicpi/labels.csv'), never a full path of the machine."""
   if data is None or not str(data).strip():
     return None
-  return os.path.basename(os.path.normpath(str(data)))
+  names = []
+  for part in str(data).split(','):
+    parts = [p for p in os.path.normpath(part.strip()).split(os.sep) if p not in ('', '.')]
+    names.append('/'.join(parts[-2:]))
+  return ', '.join(names)
 
 
 def _head_tensors(head, labels, width: int) -> tuple[dict[str, np.ndarray], list[str]]:
