@@ -679,5 +679,6 @@ def check_resumable(
     raise ConfigError(
       f'The workdir already holds checkpoints of a different run ({directory}):\n'
       + '\n'.join(differing)
-      + "\nUse a new --workdir, or set these keys back to the checkpoint's values to resume it."
+      + '\nUse a new --workdir (aasp-finetune: --config.workdir), or set these keys back to the '
+      "checkpoint's values to resume it."
     )

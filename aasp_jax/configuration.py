@@ -152,9 +152,15 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         f'model.patch_f={m.patch_f}.'
       )
     if t // m.patch_t > m.max_time_patches:
+      remedy = (
+        f'a learned position table (model.posemb=learned) has exactly that many rows: set '
+        f'frontend.target_length <= {m.max_time_patches * m.patch_t}'
+        if m.get('posemb') == 'learned'
+        else 'raise model.max_time_patches'
+      )
       raise ConfigError(
         f'frontend.target_length={t} gives {t // m.patch_t} time patches but '
-        f'model.max_time_patches={m.max_time_patches}; raise model.max_time_patches.'
+        f'model.max_time_patches={m.max_time_patches}; {remedy}.'
       )
   return cfg
 

@@ -50,8 +50,15 @@ def tiny_checkpoints(tmp_path_factory):
 
   class Runs(dict):
     def __missing__(self, stem):
+      failed = root / f'{stem}.failed'
       with _exclusive(root / f'{stem}.lock', timeout_s=900):
-        self[stem] = eval_checkpoints.tiny_run(root, stem, cache)
+        if failed.exists():  # another worker's build failed: report it, do not build again
+          raise RuntimeError(f'the tiny {stem} run failed in another worker:\n{failed.read_text()}')
+        try:
+          self[stem] = eval_checkpoints.tiny_run(root, stem, cache)
+        except Exception as e:
+          failed.write_text(f'{type(e).__name__}: {e}'[-4000:])
+          raise
       return self[stem]
 
   return Runs()

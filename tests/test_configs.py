@@ -4,9 +4,9 @@ import glob
 import os
 
 import pytest
+from conftest import REPO_ROOT
 
 from aasp_jax import configuration
-from conftest import REPO_ROOT
 
 CONFIG_FILES = sorted(
   p
@@ -77,6 +77,11 @@ def test_bad_values_fail_before_compilation():
     configuration.load_config('configs/pretrain.py', ['model.aape.window=causal'])
   with pytest.raises(configuration.ConfigError, match='is a section'):
     configuration.load_config('configs/pretrain.py', ['model.aape=1'])
+  # A learned table cannot grow: the remedy is a shorter window.
+  with pytest.raises(configuration.ConfigError, match='set frontend.target_length <= 32'):
+    configuration.load_config(
+      'configs/pretrain.py:target_length=64', ['model.posemb=learned', 'model.max_time_patches=2']
+    )
 
 
 def test_overrides_are_typed():

@@ -388,6 +388,7 @@ def test_a_finetuned_checkpoint_exports_as_a_classifier(exported, tmp_path, monk
       multilabel=False,
       step=30,
       source='ft_esc50',
+      data='esc50 (ESC-50-master)',
     ),
   )
   calls = []
@@ -403,10 +404,21 @@ def test_a_finetuned_checkpoint_exports_as_a_classifier(exported, tmp_path, monk
       return finetuned
 
   monkeypatch.setattr(exporter, 'finetune_checkpoints', lambda: Checkpoints)
+  # A model.onnx left from an earlier export is not these weights: it is removed.
+  (tmp_path / 'ft').mkdir()
+  (tmp_path / 'ft' / 'model.onnx').write_bytes(b'an older graph')
   result = exporter.export_checkpoint('/runs/ft_esc50', tmp_path / 'ft', step=30)
   assert calls == [('/runs/ft_esc50', 30)] and (result.which, result.step) == ('finetuned', 30)
+  assert not (tmp_path / 'ft' / 'model.onnx').exists()
+  with pytest.raises(ValueError, match='does not apply; drop --which'):
+    exporter.export_checkpoint('/runs/ft_esc50', tmp_path / 'ft2', which='student')
   config, _, _ = exporter.load_export(tmp_path / 'ft')
   assert config['problem_type'] == 'single_label_classification'
+  assert config['data'] == 'esc50 (ESC-50-master)'
+  # data.train as a list (sources.open_source takes one): each path by its last two parts.
+  assert exporter._data_name(['/d/sonicpi/labels.csv', 'p/x/shards-*.rec']) == (
+    'sonicpi/labels.csv, x/shards-*.rec'
+  )
   assert config['source'] == 'ft_esc50' and config['id2label']['4'] == 'crickets'
   np.testing.assert_array_equal(
     exporter.head_from_export(tmp_path / 'ft')['kernel'], head['kernel']

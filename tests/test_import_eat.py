@@ -348,3 +348,9 @@ def test_command_line_writes_a_checkpoint_that_loads_and_embeds(fairseq_checkpoi
   assert scene.shape == (1, WIDTH) and math.isfinite(float(np.sum(scene)))
   assert rel_err(scene[0], want_cls[0]) < 1e-3  # device vs host log-mel (float32)
   assert eat_layout.main(argv) == 1  # the workdir already holds a checkpoint: refused, one line
+  # Post-LN has no place in timm's ViT: aasp-export --timm refuses before writing anything.
+  from aasp_jax.export import cli as export_cli
+
+  with pytest.raises(SystemExit) as exit_info:
+    export_cli.main([str(workdir), str(tmp_path / 'out'), '--timm'])
+  assert exit_info.value.code == 2 and not (tmp_path / 'out').exists()

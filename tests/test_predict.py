@@ -24,6 +24,7 @@ from ml_collections import ConfigDict
 from aasp_jax import checkpointing
 from aasp_jax.audio import fbank_host
 from aasp_jax.data import clips, manifest
+from aasp_jax.evaluate import pretrained
 from aasp_jax.finetune import checkpoint, cli, predict, trainer
 from aasp_jax.models import build
 
@@ -115,6 +116,11 @@ def test_checkpoint_restores_the_fine_tuned_classifier_bit_for_bit(run, tiny_che
   assert not checkpoint.is_finetuned(os.path.join(workdir, 'missing'))
   with pytest.raises(ValueError, match='no fine-tuned classifier'):
     checkpoint.load_finetuned(tiny_checkpoints['aape'])
+  # The other way round: commands that need a pre-training run say it in one line.
+  with pytest.raises(ValueError, match='is a fine-tuning run'):
+    pretrained.load_pretrained(workdir)
+  assert checkpoint.saved_model_config(workdir) == model.model_config
+  assert model.data == f'esc50 ({os.path.basename(run[3])})'  # the set, by its folder name
 
 
 def first_windows(paths, preset):

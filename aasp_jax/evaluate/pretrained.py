@@ -133,6 +133,10 @@ def none_usable(directory: str, failures: list[str]) -> ValueError:
   )
 
 
+# The item a fine-tuning run adds to its checkpoints (aasp_jax/finetune/checkpoint.py).
+FINETUNED_ITEM = 'classifier'
+
+
 def load_pretrained(path: str, which: str = 'teacher', step: int | None = None) -> Pretrained:
   """The encoder of a training checkpoint on the host.
 
@@ -148,6 +152,11 @@ def load_pretrained(path: str, which: str = 'teacher', step: int | None = None) 
   if which not in WHICH:
     raise ValueError(f'which={which!r}: choose one of {WHICH}.')
   directory, steps, explicit = checkpoint_candidates(path, step)
+  if any(os.path.isdir(os.path.join(directory, str(s), FINETUNED_ITEM)) for s in steps):
+    raise ValueError(
+      f'{path} is a fine-tuning run (its checkpoints hold a classifier), not a pre-training one: '
+      'aasp-predict and aasp-export take it; give this command a pre-training workdir.'
+    )
   failures = []
   for s in steps:
     step_dir = os.path.join(directory, str(s))

@@ -72,7 +72,7 @@ def _saved_model_config(checkpoint: str, step: int | None) -> dict:
   read with its classifier."""
   finetune = exporter.finetune_checkpoints()
   if finetune is not None and finetune.is_finetuned(checkpoint):
-    return dict(finetune.load_finetuned(checkpoint, step).model_config)
+    return dict(finetune.saved_model_config(checkpoint, step))
   from aasp_jax.evaluate import pretrained
 
   return pretrained.saved_config(checkpoint, step)[0]['model']
@@ -117,14 +117,21 @@ def main(argv: list[str] | None = None) -> int:
   timings = {}
   try:
     if args.timm:
-      stem = _saved_model_config(args.checkpoint, args.step).get('stem')
-      timings['stem check'] = time.perf_counter() - start
+      saved_model = _saved_model_config(args.checkpoint, args.step)
+      timings['timm check'] = time.perf_counter() - start
+      stem = saved_model.get('stem')
       if stem != 'conv':
         parser.error(
           f"--timm: the checkpoint's stem is {stem!r}; the timm / Audio-MAE layout holds only the "
           'plain conv stem (AaPE has no place in a timm ViT). Drop --timm: model.safetensors and '
           'the aasp-jax PyTorch module reproduce AaPE.'
         )
+      from aasp_jax.export import timm_layout
+
+      try:
+        timm_layout.check_pre_norm(saved_model)
+      except timm_layout.TimmLayoutError as e:
+        parser.error(f'--timm: {e} Drop --timm.')
     if args.force:
       for name in OUTPUTS:
         if os.path.isfile(path := os.path.join(out_dir, name)):

@@ -301,11 +301,12 @@ def run_name(source: str) -> str:
 def _data_name(data) -> str | None:
   """The training data as the card names it: the last two parts of each path of `data.train`
   ('/data/sonicpi/labels.csv' -> 'sonicpi/labels.csv'), never a full path of the machine."""
-  if data is None or not str(data).strip():
+  if data is None or not str(data).strip() or (isinstance(data, (list, tuple)) and not data):
     return None
   names = []
-  for part in str(data).split(','):
-    parts = [p for p in os.path.normpath(part.strip()).split(os.sep) if p not in ('', '.')]
+  parts_of = data if isinstance(data, (list, tuple)) else str(data).split(',')
+  for part in parts_of:
+    parts = [p for p in os.path.normpath(str(part).strip()).split(os.sep) if p not in ('', '.')]
     names.append('/'.join(parts[-2:]))
   return ', '.join(names)
 
@@ -424,6 +425,11 @@ def write_export(
   config['tensors'] = {name: list(tensors[name].shape) for name in sorted(tensors)}
   out_dir = os.path.abspath(os.fspath(out_dir))
   os.makedirs(out_dir, exist_ok=True)
+  # A model.onnx or timm file of an earlier export would not be these weights: remove them (the
+  # caller writes them again from this folder).
+  for name in OPTIONAL_FILES:
+    if os.path.isfile(stale := os.path.join(out_dir, name)):
+      os.remove(stale)
   safetensors_io.save(os.path.join(out_dir, WEIGHTS), tensors, METADATA)
   _write_json(os.path.join(out_dir, CONFIG), config)
   _write_json(os.path.join(out_dir, PREPROCESSOR), preprocessor_config(preset))
@@ -466,6 +472,11 @@ def export_checkpoint(
   start = time.perf_counter()
   finetune = finetune_checkpoints()
   if finetune is not None and finetune.is_finetuned(os.fspath(checkpoint)):
+    if which != 'teacher':
+      raise ValueError(
+        f'{checkpoint} is a fine-tuning run: it holds one encoder (with its head), so '
+        f'which={which!r} does not apply; drop --which.'
+      )
     model = finetune.load_finetuned(os.fspath(checkpoint), step=step)
     result = write_export(
       out_dir,

@@ -38,17 +38,24 @@ from aasp_jax.evaluate import pretrained
 from aasp_jax.finetune import step as step_lib
 from aasp_jax.models import build
 
-CLASSIFIER = 'classifier'  # the checkpoint item
+CLASSIFIER = pretrained.FINETUNED_ITEM  # the checkpoint item ('classifier')
 FORMAT = 'aasp-jax-classifier'
 FORMAT_VERSION = 1
 HEAD = 'Dense_0'  # the head's Dense inside `step.ClsHead`
 
 
 def classifier_item(
-  labels, multilabel: bool, model_cfg: ConfigDict, preset: presets_lib.FrontEndPreset, init: dict
+  labels,
+  multilabel: bool,
+  model_cfg: ConfigDict,
+  preset: presets_lib.FrontEndPreset,
+  init: dict,
+  data: str | None = None,
 ) -> dict:
-  """The `classifier` item a fine-tuning run saves with every checkpoint (JSON)."""
+  """The `classifier` item a fine-tuning run saves with every checkpoint (JSON); `data` names the
+  labelled set it was fine-tuned on (an export's card shows it)."""
   return {
+    'data': data,
     'format': FORMAT,
     'format_version': FORMAT_VERSION,
     'labels': [str(label) for label in labels],
@@ -72,6 +79,7 @@ class Finetuned:
     multilabel: sigmoid scores per class (True) or a softmax over the classes (False).
     step: the fine-tuning step of the checkpoint.
     source: the run's folder name.
+    data: the labelled set it was fine-tuned on (dataset name and root), if saved.
   """
 
   model_config: dict
@@ -82,11 +90,16 @@ class Finetuned:
   multilabel: bool
   step: int
   source: str
+  data: str | None = None
 
   @functools.cached_property
   def classifier(self) -> step_lib.Classifier:
-    """The fine-tuning model (encoder + head) without stochastic depth: `logits` applies it."""
-    model = ConfigDict(self.model_config)
+    """The fine-tuning model (encoder + head) without stochastic depth: `logits` applies it.
+
+    It computes in float32 whatever compute dtype fine-tuning used (bf16 by default), as the
+    exported PyTorch and ONNX models do, so the three backends of aasp-predict agree.
+    """
+    model = ConfigDict(dict(self.model_config, dtype='float32'))
     model.lock()
     return step_lib.Classifier(build.build_encoder(model, drop_path=0.0), len(self.labels))
 
@@ -157,8 +170,28 @@ def load_finetuned(path, step: int | None = None) -> Finetuned:
       multilabel=bool(item['multilabel']),
       step=s,
       source=os.path.basename(os.path.dirname(directory)),
+      data=item.get('data'),
     )
   raise pretrained.none_usable(directory, failures)
+
+
+def saved_model_config(path, step: int | None = None) -> dict:
+  """The encoder's `model` section saved with a fine-tuned classifier: one small JSON item, no
+  arrays (of the newest checkpoint with a classifier, or `step`)."""
+  directory, steps, _ = pretrained.checkpoint_candidates(os.fspath(path), step)
+  failures = []
+  for s in steps:
+    step_dir = os.path.join(directory, str(s))
+    if not os.path.isdir(os.path.join(step_dir, CLASSIFIER)):
+      continue
+    try:
+      item = checkpointing.read_item(step_dir, CLASSIFIER)
+      _check_item(item, step_dir)
+    except checkpointing.UnusableCheckpoint as e:
+      failures.append(f'step {s}: {e.reason}')
+      continue
+    return item['model']
+  raise ValueError(f'{path}: no readable fine-tuned classifier ({"; ".join(failures) or "none"}).')
 
 
 def _check_item(item: dict, step_dir: str) -> None:

@@ -11,8 +11,9 @@ What happens:
 - The encoder (architecture, front end, weights) comes from a pre-training checkpoint via
   `pretrained.load_pretrained` (the EMA teacher by default), rebuilt with stochastic depth; a linear
   head on the CLS token (initialised near zero, as MAE / Audio-MAE) maps it to the classes. Only
-  the input length changes (`target_length`): positions are fixed 2-D sin-cos and AaPE's Lambda
-  encoder pools its modulation spectrum into fixed bands, so neither depends on the length.
+  the input length changes (`target_length`): fixed sin-cos positions are cropped to it (a learned
+  table from an import is cropped too, and must cover it) and AaPE's Lambda encoder pools its
+  modulation spectrum into fixed bands.
 - Audio is read by the training input pipeline (`data.py`, `data/pipeline.py`: random crops for
   training, crops from the start for evaluation, multi-hot labels from the class names); log-mel is
   computed on device. Training reads the set in passes (epochs), each reshuffled (or, with a
@@ -228,6 +229,7 @@ class Finetuner:
       model_cfg,
       self.preset,
       {'checkpoint': self.pretrained.source, 'which': config.which, 'step': self.pretrained.step},
+      data=f'{config.dataset.name} ({os.path.basename(os.path.normpath(config.dataset.root))})',
     )
 
     # ---------------------------------------------------------------- Mesh
