@@ -52,6 +52,8 @@ from ml_collections import ConfigDict
 from aasp_jax.configuration import ConfigError
 
 STATE, DATA_POSITION, CHECKSUMS, CONFIG = 'state', 'data_position', 'checksums', 'config'
+# Written by the importers (export/timm_layout.py): {'imported_from': what the weights came from}.
+ORIGIN = 'origin'
 LEGACY_DATA = 'data'  # the per-process grain iterator item of checkpoints before data_position
 SET_ASIDE = 'checkpoints_set_aside'
 CHECKSUM_FORMAT = 'u32-weighted-sum-fmix32-v1'

@@ -354,3 +354,9 @@ def test_command_line_writes_a_checkpoint_that_loads_and_embeds(fairseq_checkpoi
   with pytest.raises(SystemExit) as exit_info:
     export_cli.main([str(workdir), str(tmp_path / 'out'), '--timm'])
   assert exit_info.value.code == 2 and not (tmp_path / 'out').exists()
+  # The export says where the weights came from, not "pre-trained with AaSP".
+  assert loaded.origin == 'EAT weights `EAT-base_epoch30_pretrain.pt`'
+  assert export_cli.main([str(workdir), str(tmp_path / 'out')]) == 0
+  card = (tmp_path / 'out' / 'README.md').read_text()
+  assert 'imported from EAT weights `EAT-base_epoch30_pretrain.pt`' in card.replace('\n', ' ')
+  assert 'pre-trained with AaSP' not in card.replace('\n', ' ')

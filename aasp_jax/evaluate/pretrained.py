@@ -40,6 +40,7 @@ class Pretrained:
     step: the training step of the checkpoint (0 for a random encoder).
     source: where it came from (a step folder, or 'random(seed=N)').
     which: 'teacher' or 'student' ('random' for a random encoder).
+    origin: for imported weights (timm / Audio-MAE / EAT), what they are; None for AaSP runs.
   """
 
   config: ConfigDict
@@ -49,6 +50,7 @@ class Pretrained:
   step: int
   source: str
   which: str
+  origin: str | None = None
 
   @property
   def width(self) -> int:
@@ -193,6 +195,9 @@ def _pretrained(contents, which: str, step: int, step_dir: str) -> Pretrained:
     with config.unlocked():
       config.model.scan_layers = False
   encoder = build.build_encoder(config.model, drop_path=0.0)
+  origin = None
+  if os.path.isdir(os.path.join(step_dir, checkpointing.ORIGIN)):  # an imported encoder
+    origin = checkpointing.read_item(step_dir, checkpointing.ORIGIN).get('imported_from')
   return Pretrained(
     config=config,
     encoder=encoder,
@@ -201,6 +206,7 @@ def _pretrained(contents, which: str, step: int, step_dir: str) -> Pretrained:
     step=step,
     source=step_dir,
     which=which,
+    origin=origin,
   )
 
 

@@ -405,6 +405,7 @@ def main(argv=None) -> int:
     argv,
     'Import an EAT checkpoint (fairseq or Hugging Face) as an aasp-jax encoder checkpoint.',
     _load_for_cli,
+    'EAT',
   )
 
 

@@ -363,6 +363,7 @@ def write_export(
   labels=None,
   multilabel: bool = False,
   data: str | None = None,
+  origin: str | None = None,
 ) -> ExportResult:
   """Writes an export folder from a model config, a front end and encoder params.
 
@@ -378,7 +379,8 @@ def write_export(
       the folder is an audio-classification model (AaSPForAudioClassification).
     labels: the C class names, in logit order (required with `head`).
     multilabel: independent sigmoid scores (True) or one softmax (False).
-    data: the training data (a path or name; only its last component is written).
+    data: the training data (paths or a name; each path is written by its last two parts).
+    origin: what imported weights are (`Pretrained.origin`), shown by the model card.
 
   Raises:
     ValueError: if the params (or head) do not match the architecture `model_cfg` describes
@@ -410,6 +412,7 @@ def write_export(
     'step': int(step),
     'source': run_name(source),
     'data': _data_name(data),
+    'imported_from': origin,
     'aasp_jax_version': aasp_jax.__version__,
   }
   if head is not None:
@@ -490,6 +493,7 @@ def export_checkpoint(
       labels=model.labels,
       multilabel=model.multilabel,
       data=getattr(model, 'data', None),
+      origin=getattr(model, 'origin', None),
     )
     return dataclasses.replace(result, seconds=time.perf_counter() - start)
   from aasp_jax.evaluate import pretrained  # orbax is only needed for this entry point
@@ -514,6 +518,7 @@ def export_checkpoint(
     step=model.step,
     source=model.source,
     data=data,
+    origin=model.origin,
   )
   return dataclasses.replace(result, seconds=time.perf_counter() - start)
 

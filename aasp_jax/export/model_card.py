@@ -83,9 +83,14 @@ def render(config: dict, files) -> str:
     bullets.append(
       f'Classifier: a linear head on the CLS token, {len(labels)} labels ({kind}): {shown}.'
     )
+  made = (
+    'pre-trained with AaSP (aliasing-aware self-supervised pre-training)'
+    if not config.get('imported_from')
+    else f'imported from {config["imported_from"]} (not pre-trained by aasp-jax)'
+  )
   intro = textwrap.fill(
-    'An audio spectrogram transformer pre-trained with AaSP (aliasing-aware self-supervised '
-    f'pre-training){", then fine-tuned," if classifier else ","} exported from aasp-jax '
+    f'An audio spectrogram transformer {made}'
+    f'{", then fine-tuned," if classifier else ","} exported from aasp-jax '
     f'{config["aasp_jax_version"]}. The folder runs with PyTorch alone: neither JAX nor aasp-jax '
     'is needed.',
     100,

@@ -662,6 +662,7 @@ def write_encoder_checkpoint(
   step: int = 0,
   *,
   model_overrides: Mapping[str, Any] | None = None,
+  origin: str | None = None,
 ) -> str:
   """Saves encoder parameters as a training checkpoint of `workdir`; returns its step folder.
 
@@ -680,6 +681,9 @@ def write_encoder_checkpoint(
       here when `config.model.scan_layers` is set.
     model_overrides: `model` fields the parameters need (`TimmImport.model_overrides`, the first
       value of `eat_layout.load_eat`), set in the saved config.
+    origin: what the weights are (e.g. "EAT weights `EAT-base_epoch30_pretrain.pt`"), saved as
+      the checkpoint's `origin` item: an export's model card says it instead of "pre-trained
+      with AaSP".
   """
   # Imported here: orbax and flax are needed only for this function.
   import jax
@@ -711,19 +715,18 @@ def write_encoder_checkpoint(
       checkpointing.STATE: ocp.StandardCheckpointHandler(),
       checkpointing.CHECKSUMS: ocp.JsonCheckpointHandler(),
       checkpointing.CONFIG: ocp.JsonCheckpointHandler(),
+      checkpointing.ORIGIN: ocp.JsonCheckpointHandler(),
     },
   )
+  items = {
+    checkpointing.STATE: ocp.args.StandardSave(state),
+    checkpointing.CHECKSUMS: ocp.args.JsonSave(sums),
+    checkpointing.CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
+  }
+  if origin:
+    items[checkpointing.ORIGIN] = ocp.args.JsonSave({'imported_from': str(origin)})
   try:
-    manager.save(
-      step,
-      args=ocp.args.Composite(
-        **{
-          checkpointing.STATE: ocp.args.StandardSave(state),
-          checkpointing.CHECKSUMS: ocp.args.JsonSave(sums),
-          checkpointing.CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
-        }
-      ),
-    )
+    manager.save(step, args=ocp.args.Composite(**items))
     manager.wait_until_finished()
   finally:
     manager.close()
@@ -734,10 +737,11 @@ def write_encoder_checkpoint(
 # Command line: python -m aasp_jax.export.timm_layout --weights=... --workdir=...
 
 
-def import_main(argv, description: str, load) -> int:
+def import_main(argv, description: str, load, kind: str) -> int:
   """Shared command line of the importers: weights file -> an encoder checkpoint in a workdir.
 
-  `load(path, config) -> (model_overrides, params, notes)` reads the file for `config`.
+  `load(path, config) -> (model_overrides, params, notes)` reads the file for `config`; `kind`
+  names the weights' family in the checkpoint's origin ('EAT', 'timm / Audio-MAE').
   """
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument('--weights', required=True, help='.pt / .pth / .safetensors weights file')
@@ -757,7 +761,10 @@ def import_main(argv, description: str, load) -> int:
   try:
     config = configuration.load_config(args.config, args.set)
     overrides, params, notes = load(args.weights, config)
-    step_dir = write_encoder_checkpoint(args.workdir, config, params, model_overrides=overrides)
+    origin = f'{kind} weights `{os.path.basename(args.weights)}`'
+    step_dir = write_encoder_checkpoint(
+      args.workdir, config, params, model_overrides=overrides, origin=origin
+    )
   except (OSError, ValueError, ImportError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -785,7 +792,10 @@ def _mel_bins(config) -> int:
 
 def main(argv=None) -> int:
   return import_main(
-    argv, 'Import timm / Audio-MAE ViT weights as an aasp-jax encoder checkpoint.', _load_for_cli
+    argv,
+    'Import timm / Audio-MAE ViT weights as an aasp-jax encoder checkpoint.',
+    _load_for_cli,
+    'timm / Audio-MAE',
   )
 
 

@@ -80,6 +80,7 @@ class Finetuned:
     step: the fine-tuning step of the checkpoint.
     source: the run's folder name.
     data: the labelled set it was fine-tuned on (dataset name and root), if saved.
+    origin: for an encoder imported from timm / Audio-MAE / EAT weights, what they were.
   """
 
   model_config: dict
@@ -91,6 +92,7 @@ class Finetuned:
   step: int
   source: str
   data: str | None = None
+  origin: str | None = None
 
   @functools.cached_property
   def classifier(self) -> step_lib.Classifier:
@@ -171,6 +173,7 @@ def load_finetuned(path, step: int | None = None) -> Finetuned:
       step=s,
       source=os.path.basename(os.path.dirname(directory)),
       data=item.get('data'),
+      origin=(item.get('init') or {}).get('origin'),
     )
   raise pretrained.none_usable(directory, failures)
 

@@ -228,7 +228,12 @@ class Finetuner:
       self.multilabel,
       model_cfg,
       self.preset,
-      {'checkpoint': self.pretrained.source, 'which': config.which, 'step': self.pretrained.step},
+      {
+        'checkpoint': self.pretrained.source,
+        'which': config.which,
+        'step': self.pretrained.step,
+        'origin': self.pretrained.origin,
+      },
       data=f'{config.dataset.name} ({os.path.basename(os.path.normpath(config.dataset.root))})',
     )
 
