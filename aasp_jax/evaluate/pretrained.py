@@ -179,7 +179,8 @@ def _encoder_item(saved: dict, which: str) -> dict:
   """What to restore: only the chosen encoder (the optimizer moments and the other copy stay on
   disk), onto this process's first device."""
   config = config_from_json(saved)
-  target = _encoder_target(build.build_encoder(config.model, drop_path=0.0), config)
+  encoder = build.build_encoder(config.model, drop_path=0.0)
+  target = encoder_target(encoder, configuration.input_shape(config))
   return {'train': {'teacher': target} if which == 'teacher' else {'params': {'encoder': target}}}
 
 
@@ -210,9 +211,9 @@ def _pretrained(contents, which: str, step: int, step_dir: str) -> Pretrained:
   )
 
 
-def _encoder_target(encoder: nn.Module, config: ConfigDict):
-  """The encoder's shapes on this process's first device: what orbax restores into."""
-  shape = configuration.input_shape(config)
+def encoder_target(encoder: nn.Module, shape: tuple[int, int, int]):
+  """The encoder's parameter shapes for log-mel input `shape` [1, frames, mel], on this
+  process's first device: what orbax restores into."""
   abstract = jax.eval_shape(
     lambda r: encoder.init(r, jnp.zeros(shape, jnp.float32))['params'], jax.random.key(0)
   )

@@ -239,9 +239,12 @@ def from_torch_layout(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 
 
 def _model_dict(model_cfg) -> dict:
-  return (
+  """The model section as a plain dict, with the fields a config saved before they existed means
+  (so an export's config.json always states them)."""
+  model = (
     model_cfg.to_dict() if isinstance(model_cfg, ConfigDict) else json.loads(json.dumps(model_cfg))
   )
+  return {**build.LATER_MODEL_FIELDS, **model}
 
 
 def _preset_of(preset) -> presets_lib.FrontEndPreset:

@@ -30,7 +30,7 @@ _POSEMB_NOTES = {
 def render(config: dict, files) -> str:
   """The export's README.md: YAML metadata, what the model is, its files and three ways to load
   it (transformers, PyTorch alone, onnxruntime)."""
-  m, p = {**{'posemb': 'sincos', 'block_norm': 'pre'}, **config['model']}, config['frontend']
+  m, p = config['model'], config['frontend']  # the exporter writes every model field
   classifier = 'id2label' in config
   num_params = sum(int(np.prod(s)) for s in config['tensors'].values())
   window_s = ((p['target_length'] - 1) * p['frame_shift_ms'] + p['frame_length_ms']) / 1000.0

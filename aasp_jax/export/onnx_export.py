@@ -202,29 +202,31 @@ def export_onnx(
       if rank == 3:
         axes[name][1] = 'patches'
     shapes[0][1] = multiple * torch.export.Dim('time_patches', min=1, max=max_multiples)
-  try:
-    if not torchscript:
-      raise NotImplementedError('TorchScript export not asked for')
-    with torch.no_grad():
-      _torchscript_export(module, inputs, partial, input_names, output_names, opset, axes)
-    exporter = 'torchscript'
-  except Exception as torchscript_error:  # noqa: BLE001
-    # Any failure of the tracer or of its symbolic registry: the other exporter may still
-    # succeed, and if it does not, both errors are reported.
-    log.info('TorchScript ONNX export failed (%s); using the dynamo exporter.', torchscript_error)
+  if torchscript:
     try:
       with torch.no_grad():
-        _dynamo_export(module, inputs, partial, input_names, output_names, opset, tuple(shapes))
-    except Exception as dynamo_error:
-      if os.path.exists(partial):
-        os.remove(partial)
-      raise ValueError(
-        f'{onnx_path}: neither ONNX exporter could export the model. TorchScript: '
-        f'{torchscript_error!r}; dynamo: {dynamo_error!r}'
-      ) from dynamo_error
-    exporter = 'dynamo'
+        _torchscript_export(module, inputs, partial, input_names, output_names, opset, axes)
+      os.replace(partial, onnx_path)
+      return 'torchscript'
+    except Exception as e:  # noqa: BLE001
+      # Any failure of the tracer or of its symbolic registry: the dynamo exporter may still
+      # succeed, and if it does not, both errors are reported.
+      log.info('TorchScript ONNX export failed (%s); using the dynamo exporter.', e)
+      torchscript_error = repr(e)
+  else:
+    torchscript_error = 'not tried'
+  try:
+    with torch.no_grad():
+      _dynamo_export(module, inputs, partial, input_names, output_names, opset, tuple(shapes))
+  except Exception as dynamo_error:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise ValueError(
+      f'{onnx_path}: neither ONNX exporter could export the model. TorchScript: '
+      f'{torchscript_error}; dynamo: {dynamo_error!r}'
+    ) from dynamo_error
   os.replace(partial, onnx_path)
-  return exporter
+  return 'dynamo'
 
 
 def _as_tuple(value) -> tuple:

@@ -216,20 +216,14 @@ def _target(item: dict) -> dict:
   preset = presets_lib.FrontEndPreset.from_dict(item['preset'])
   encoder = build.build_encoder(model, drop_path=0.0)
   shape = (1, preset.target_length, preset.num_mel_bins)
-  abstract = jax.eval_shape(
-    lambda r: encoder.init(r, jnp.zeros(shape, jnp.float32))['params'], jax.random.key(0)
-  )
   num_classes = len(item['labels'])
-  head = {
-    'kernel': jax.ShapeDtypeStruct((model.width, num_classes), jnp.float32),
-    'bias': jax.ShapeDtypeStruct((num_classes,), jnp.float32),
-  }
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  params = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-    {'encoder': nn.meta.unbox(abstract), 'head': {HEAD: head}},
-  )
-  return {'train': {'params': params}}
+  head = {
+    'kernel': jax.ShapeDtypeStruct((model.width, num_classes), jnp.float32, sharding=device),
+    'bias': jax.ShapeDtypeStruct((num_classes,), jnp.float32, sharding=device),
+  }
+  encoder_params = pretrained.encoder_target(encoder, shape)
+  return {'train': {'params': {'encoder': encoder_params, 'head': {HEAD: head}}}}
 
 
 # Using it.

@@ -41,7 +41,6 @@ from aasp_jax.audio import presets as presets_lib
 PROG = 'aasp-predict'
 BACKENDS = ('jax', 'torch', 'onnx')
 EXPORT_CONFIG = 'config.json'
-EXPORT_PREPROCESSOR = 'preprocessor_config.json'
 EXPORT_ONNX = 'model.onnx'
 EXPORT_MODULE = 'aasp_torch'  # the PyTorch module an export folder ships
 CLASSIFIER_ARCHITECTURE = 'AaSPForAudioClassification'
@@ -145,21 +144,18 @@ def export_classifier_info(folder: str):
     labels = tuple(str(id2label[str(i)]) for i in range(len(id2label)))
   except (KeyError, TypeError):
     raise BadInput(f'{folder}/{EXPORT_CONFIG}: "id2label" must map "0".."C-1" to names.') from None
-  multilabel = bool(
-    config.get('multilabel', config.get('problem_type') == 'multi_label_classification')
-  )
-  # The front end: config.json's 'frontend' (the preset), else the feature extractor's settings.
-  frontend, where = config.get('frontend'), EXPORT_CONFIG
+  multilabel = config.get('problem_type') == 'multi_label_classification'
+  # The front end: config.json's 'frontend' (the exporter writes the preset there).
+  frontend = config.get('frontend')
   if not isinstance(frontend, dict):
-    frontend, where = _read_export_json(folder, EXPORT_PREPROCESSOR), EXPORT_PREPROCESSOR
-    frontend = dict(frontend, sample_rate=frontend.get('sampling_rate', 16000))
+    raise BadInput(f'{folder}/{EXPORT_CONFIG}: no "frontend" section; export the run again.')
   fields = {f.name for f in dataclasses.fields(presets_lib.FrontEndPreset)}
   try:
     preset = presets_lib.FrontEndPreset.from_dict(
       {k: v for k, v in frontend.items() if k in fields}
     )
   except (TypeError, ValueError) as e:
-    raise BadInput(f'{folder}/{where}: not a front-end preset ({e}).') from None
+    raise BadInput(f'{folder}/{EXPORT_CONFIG}: not a front-end preset ({e}).') from None
   return labels, multilabel, preset
 
 
