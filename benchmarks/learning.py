@@ -59,14 +59,23 @@ VARIANTS = {
   # its schedule scaled to the run (warm-up 53k of 400k steps; EMA annealed over the run).
   'eat': ('recipe=eat', ['optimizer.warmup_fraction=0.133', 'model.predictor.cnn_groups=1']),
   'mae': ('recipe=mae', []),
+  # Crop length against clip length: most Sonic Pi clips and every GM clip are shorter than the
+  # 2.56 s crop; 1.28 s halves the padding (the probe's window is the crop).
+  'crop128': ('target_length=128', []),
+  # Masking on the 16 x 8 grid (128 patches): EAT's 0.8 leaves ~26 visible patches here.
+  'mask50': ('', ['objective.mask_ratio=0.5']),
+  # A faster teacher: at 0.99 -> 0.999 over 600 steps the teacher's horizon is most of the run.
+  'ema_fast': ('', ['optimizer.ema_start=0.98', 'optimizer.ema_end=0.995']),
 }
 
 
 def pretrain_manifest(out: str, asterisk: str | None, sources: str) -> tuple[str, dict]:
   """A CSV of every pre-training clip (absolute paths); returns (path, counts per source).
 
-  `sources`: comma-separated from sonicpi, asterisk, gm. 'gm' adds the GM instrument task's own
-  clips (unlabelled): transductive pre-training, reported as such.
+  `sources`: comma-separated from sonicpi, asterisk, soundfonts, gm. 'soundfonts' adds the notes
+  rendered from two other GM SoundFonts by benchmarks/soundfont_notes.py (in-domain for the GM
+  task, none of its samples); 'gm' adds the GM instrument task's own clips (unlabelled):
+  transductive pre-training, reported as such.
   """
   rows = []
   counts = {}
@@ -78,6 +87,15 @@ def pretrain_manifest(out: str, asterisk: str | None, sources: str) -> tuple[str
         clips = [os.path.join(folder, r['path']) for r in csv.DictReader(f)]
       rows += clips
       counts[name] = len(clips)
+  if 'soundfonts' in names:
+    folder = os.path.join(out, 'soundfont_notes')
+    listing = os.path.join(folder, 'manifest.csv')
+    if not os.path.isfile(listing):
+      raise SystemExit(f'{listing}: missing; build it with python benchmarks/soundfont_notes.py')
+    with open(listing) as f:
+      notes = [os.path.join(folder, r['path']) for r in csv.DictReader(f)]
+    rows += notes
+    counts['soundfonts'] = len(notes)
   if 'asterisk' in names and asterisk and os.path.isfile(os.path.join(asterisk, 'manifest.csv')):
     with open(os.path.join(asterisk, 'manifest.csv')) as f:
       speech = [os.path.join(asterisk, r['path']) for r in csv.DictReader(f)]
@@ -222,6 +240,39 @@ def summarise(runs: list[dict], feature: str, classifier: str) -> dict:
   return out
 
 
+# (variant, reference, what differs): reported as a paired difference per seed when both ran.
+COMPARISONS = (
+  ('aasp_sf', 'aasp', 'pre-training data + SoundFont notes (in-domain for GM)'),
+  ('mae_sf', 'mae', 'pre-training data + SoundFont notes (in-domain for GM)'),
+  ('aasp_nosp', 'aasp_sf', "the Sonic Pi clips (the probe's own) left out of pre-training"),
+  ('mae', 'aasp', 'MAE objective instead of AaSP'),
+  ('crop128', 'aasp', 'crop and probe window 1.28 s instead of 2.56 s'),
+  ('mask50', 'aasp', 'mask ratio 0.5 instead of 0.8'),
+  ('ema_fast', 'aasp', 'EMA 0.98 -> 0.995 instead of 0.99 -> 0.999'),
+  ('mae_sf', 'aasp_sf', 'MAE objective instead of AaSP, with the SoundFont notes'),
+)
+
+
+def compare(runs: list[dict], variant: str, reference: str, feature: str, classifier: str) -> dict:
+  """{task: {step: paired difference variant - reference over the seeds both ran}}."""
+  a = {r['seed']: r for r in runs if r['variant'] == variant}
+  b = {r['seed']: r for r in runs if r['variant'] == reference}
+  seeds = sorted(set(a) & set(b))
+  if not seeds:
+    return {}
+  steps = sorted(set.intersection(*[set(map(int, x[s]['steps'])) for x in (a, b) for s in seeds]))
+  out = {'seeds': seeds}
+  for task in TASKS:
+    out[task] = {}
+    for step in steps:
+      if step == 0:
+        continue
+      acc = [[x[s]['steps'][str(step)][task][feature][classifier]['accuracy'] for s in seeds]
+             for x in (a, b)]
+      out[task][step] = protocol.paired_gain(*acc)
+  return out
+
+
 def _fmt(mean, se) -> str:
   return f'{mean:.3f} ± {se:.3f}' if np.isfinite(se) else f'{mean:.3f}'
 
@@ -239,6 +290,10 @@ def report(args) -> None:
     'knn': summarise(runs, feature, 'knn'),
     'baselines': base,
     'features': {},
+    'comparisons': {
+      f'{a} - {b}': {clf: compare(runs, a, b, feature, clf) for clf in ('linear', 'knn')}
+      for a, b, _ in COMPARISONS
+    },
   }
   # Every feature of every run's last step, for the "which layer / pooling" question.
   for run in runs:
@@ -287,6 +342,22 @@ def report(args) -> None:
           f'{kg["mean"]:+.3f} ± {kg["se"]:.3f} ({kg["z"]:.1f}) |'
         )
     lines.append('')
+  compared = [(a, b, what) for a, b, what in COMPARISONS if result['comparisons'][f'{a} - {b}']['linear']]
+  if compared:
+    lines += ['## Paired comparisons between variants', '',
+              ('Accuracy of the first variant minus the second, paired by seed (the same '
+               'initialisation), mean ± SE over seeds (z).'), '',
+              '| comparison | what differs | task | step | seeds | linear | kNN |',
+              '|---|---|---|---:|---:|---:|---:|']
+    for a, b, what in compared:
+      cmp = result['comparisons'][f'{a} - {b}']
+      for task in TASKS:
+        for step, g in cmp['linear'][task].items():
+          k = cmp['knn'][task][step]
+          lines.append(f'| {a} − {b} | {what} | {task} | {step} | {len(cmp["linear"]["seeds"])} | '
+                       f'{g["mean"]:+.3f} ± {g["se"]:.3f} ({g["z"]:.1f}) | '
+                       f'{k["mean"]:+.3f} ± {k["se"]:.3f} ({k["z"]:.1f}) |')
+    lines.append('')
   context = _context_lines(args.out)
   if context:
     lines += ['## What the encoder gives the predictor', '',
@@ -317,29 +388,41 @@ def _context_lines(out: str) -> list[str]:
 
 
 def _plot(result: dict, path: str) -> None:
+  """Top: linear accuracy of the variants run over 3+ seeds; bottom: their paired gain over their
+  own initialisations (one-seed ablations are in the table only)."""
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4.5))
-  for ax, task in zip(np.atleast_1d(axes), TASKS):
-    for variant, v in result['linear'].items():
-      rows = v['tasks'][task]
+  variants = [v for v, r in result['linear'].items() if len(r['seeds']) >= 3]
+  colours = plt.get_cmap('tab20')
+  fig, axes = plt.subplots(2, len(TASKS), figsize=(6 * len(TASKS), 9), squeeze=False)
+  for col, task in enumerate(TASKS):
+    top, bottom = axes[0, col], axes[1, col]
+    for i, variant in enumerate(variants):
+      rows = result['linear'][variant]['tasks'][task]
       steps = sorted(rows)
-      ax.errorbar(steps, [rows[s]['accuracy'] for s in steps],
-                  yerr=[rows[s]['se_seeds'] if np.isfinite(rows[s]['se_seeds']) else 0 for s in steps],
-                  marker='o', capsize=2, label=f'{variant} (n={len(v["seeds"])})')
+      style = dict(marker='o', capsize=2, color=colours(i % 20), label=variant)
+      top.errorbar(steps, [rows[s]['accuracy'] for s in steps],
+                   yerr=[rows[s]['se_seeds'] for s in steps], **style)
+      bottom.errorbar(steps, [rows[s]['gain']['mean'] for s in steps],
+                      yerr=[rows[s]['gain']['se'] if s else 0.0 for s in steps], **style)
     b = result['baselines'].get(task)
     if b:
-      ax.axhline(b['mel_stats']['linear']['accuracy'], color='k', ls='--', label='log-mel stats')
+      top.axhline(b['mel_stats']['linear']['accuracy'], color='k', ls='--', label='log-mel stats')
       for key, val in b.items():
         if key.startswith('supervised'):
-          ax.axhline(np.mean([x['accuracy'] for x in val]), color='g', ls=':', label='supervised')
-    ax.set_title(f'{task}: linear probe ({result["protocol"]["headline_feature"]})')
-    ax.set_xlabel('pre-training step (0 = own initialisation)')
-    ax.set_ylabel('accuracy')
-    ax.legend(fontsize=7)
+          top.axhline(np.mean([x['accuracy'] for x in val]), color='g', ls=':', label='supervised')
+    bottom.axhline(0.0, color='k', lw=0.8)
+    bottom.axhline(0.10, color='r', ls=':', label='acceptance bar (+10 points)')
+    top.set_title(f'{task}: linear probe ({result["protocol"]["headline_feature"]}), 3+ seeds')
+    bottom.set_title(f'{task}: gain over own init (paired, ± SE over seeds)')
+    for ax in (top, bottom):
+      ax.set_xlabel('pre-training step (0 = own initialisation)')
+      ax.legend(fontsize=6, ncol=2)
+    top.set_ylabel('accuracy')
+    bottom.set_ylabel('accuracy gain')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -424,7 +507,8 @@ def main() -> None:
   parser.add_argument('--set', action='append', default=[], help='extra config override')
   parser.add_argument('--supervised_steps', type=int, default=150)
   parser.add_argument('--supervised_seeds', default='0')
-  parser.add_argument('--data', default='sonicpi,asterisk', help='sonicpi, asterisk, gm')
+  parser.add_argument('--data', default='sonicpi,asterisk',
+                      help='sonicpi, asterisk, soundfonts, gm')
   parser.add_argument('--tag', default='', help='suffix of the run names (e.g. a budget)')
   parser.add_argument('--probe_only', action='store_true',
                       help='probe the checkpoints a run has (an unfinished run), do not train')

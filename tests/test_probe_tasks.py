@@ -1,5 +1,6 @@
 """The probe tasks (data/*/task.csv) are well formed and grouped as their READMEs say, and the
-GM-instruments builder's SoundFont parser reads a small SF2 that this test writes itself.
+GM-instruments builder's SoundFont parser reads a small SF2 that this test writes itself, and the
+benchmark's SoundFont note renderer (benchmarks/soundfont_notes.py) plays it at the right pitch.
 """
 
 import collections
@@ -262,3 +263,58 @@ def test_sf2_selection_skips_right_and_rom_samples_and_groups_shared_samples(
   monkeypatch.setattr(builder, 'MIN_GROUPS', 2)
   clips, dropped = builder.select_clips(font)
   assert clips == [] and dropped == {'keyboard': ['gm000_grand'], 'string': ['gm040_violin']}
+
+
+def load_notes():
+  """benchmarks/soundfont_notes.py (the in-domain pre-training notes; a script) as a module."""
+  name = 'soundfont_notes'
+  if name not in sys.modules:
+    path = os.path.join(REPO_ROOT, 'benchmarks', 'soundfont_notes.py')
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+  return sys.modules[name]
+
+
+def test_soundfont_notes_pick_one_zone_per_key_skip_right_and_rom_and_dedupe(synthetic_sf2):
+  notes = load_notes()
+  font = notes.gm.parse_sf2(synthetic_sf2[0])
+  # Sorted by (bank, program): Grand 0, Bright 1 (the same piano: nothing new), Bells 14 (ROM:
+  # nothing), Violin 40 (keys 55..100), Kit 128 (its only sample is ROM). The right channel
+  # (sample 1) never plays; keys above 71 take the C6 zone.
+  keys = notes.KEYS
+  expected = [(0, k) for k in keys if k <= 71] + [(2, k) for k in keys if k >= 72]
+  expected += [(3, k) for k in keys if 55 <= k <= 100]
+  assert notes.notes_of(font) == expected
+
+
+def test_soundfont_note_is_the_sample_transposed_by_resampling(tmp_path):
+  """A stored 440 Hz sine (root key 69, 8 kHz, looped over whole cycles) rendered at key 81 and 57
+  sounds at 880 and 220 Hz, lasts NOTE_SECONDS at 16 kHz and fades to silence."""
+  notes = load_notes()
+  rate, cycles = 8000, 44  # 44 cycles of 440 Hz = 800 frames exactly
+  t = np.arange(4000) / rate
+  pcm = (np.sin(2 * np.pi * 440 * t) * 12000).astype(np.int16)
+  path = tmp_path / 'sine.sf2'
+  samples = [('Sine A4', 0, 4000, 4000 - cycles * rate // 440, 4000, rate, 69, 0, 0, 1)]
+  write_sf2(path, [('Sine', 80, 0, [[(INST, 0)]])], [('Sine', [[(SAMPLE, 0)]])], samples, pcm)
+  font = notes.gm.parse_sf2(path)
+  with open(path, 'rb') as f:
+    for key, hz in ((81, 880.0), (57, 220.0), (None, 440.0)):
+      wave = notes.render(f, font, font.samples[0], key)
+      assert len(wave) == int(notes.NOTE_SECONDS * 16000)
+      assert wave[-1] == 0.0 and np.abs(wave[:8000]).max() > 0.3
+      spectrum = np.abs(np.fft.rfft(wave[:16000] * np.hanning(16000)))
+      assert abs(np.argmax(spectrum) - hz) <= 1.0  # 1 Hz bins
+
+
+def test_soundfont_overlap_check_finds_a_shifted_scaled_copy_and_not_other_audio():
+  notes = load_notes()
+  rng = np.random.default_rng(1)
+  n = int(notes.OVERLAP_SECONDS * 16000)
+  refs = np.stack([notes._unit(rng.standard_normal(n), n) for _ in range(4)])
+  copy = -0.2 * np.concatenate([np.zeros(30), refs[2] * 7.0])  # shifted, scaled, inverted
+  corr = notes.max_correlation(notes._unit(copy, n), refs)
+  assert corr[2] > 0.99 and np.all(np.delete(corr, 2) < 0.1)
+  assert notes.max_correlation(notes._unit(rng.standard_normal(n), n), refs).max() < 0.1
