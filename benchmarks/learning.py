@@ -69,6 +69,12 @@ VARIANTS = {
 }
 
 
+def _listed(folder: str, listing: str) -> list[str]:
+  """Absolute paths of the clips a folder's CSV listing names (its `path` column)."""
+  with open(os.path.join(folder, listing)) as f:
+    return [os.path.join(folder, r['path']) for r in csv.DictReader(f)]
+
+
 def pretrain_manifest(out: str, asterisk: str | None, sources: str) -> tuple[str, dict]:
   """A CSV of every pre-training clip (absolute paths); returns (path, counts per source).
 
@@ -83,8 +89,7 @@ def pretrain_manifest(out: str, asterisk: str | None, sources: str) -> tuple[str
   for name, listing in (('sonicpi', 'labels.csv'), ('gm', 'task.csv')):
     if name in names:
       folder = os.path.join(REPO, 'data', 'sonicpi' if name == 'sonicpi' else 'gm_instruments')
-      with open(os.path.join(folder, listing)) as f:
-        clips = [os.path.join(folder, r['path']) for r in csv.DictReader(f)]
+      clips = _listed(folder, listing)
       rows += clips
       counts[name] = len(clips)
   if 'soundfonts' in names:
@@ -92,13 +97,11 @@ def pretrain_manifest(out: str, asterisk: str | None, sources: str) -> tuple[str
     listing = os.path.join(folder, 'manifest.csv')
     if not os.path.isfile(listing):
       raise SystemExit(f'{listing}: missing; build it with python benchmarks/soundfont_notes.py')
-    with open(listing) as f:
-      notes = [os.path.join(folder, r['path']) for r in csv.DictReader(f)]
+    notes = _listed(folder, 'manifest.csv')
     rows += notes
     counts['soundfonts'] = len(notes)
   if 'asterisk' in names and asterisk and os.path.isfile(os.path.join(asterisk, 'manifest.csv')):
-    with open(os.path.join(asterisk, 'manifest.csv')) as f:
-      speech = [os.path.join(asterisk, r['path']) for r in csv.DictReader(f)]
+    speech = _listed(asterisk, 'manifest.csv')
     rows += speech
     counts['asterisk'] = len(speech)
   path = os.path.join(out, f'pretrain_{sources.replace(",", "_")}.csv')

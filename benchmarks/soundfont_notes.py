@@ -170,15 +170,13 @@ def notes_of(sf2) -> list[tuple[int, int | None]]:
 
 
 def build(out: str) -> dict:
-  import soundfile as sf
   import soxr
-
-  from aasp_jax.data import records
 
   audio = os.path.join(out, 'audio')
   os.makedirs(audio, exist_ok=True)
-  names = [p for p, _ in probe_clips()]
-  refs = np.stack([r for _, r in probe_clips()])
+  probes = probe_clips()
+  names = [p for p, _ in probes]
+  refs = np.stack([r for _, r in probes])
   n = int(OVERLAP_SECONDS * SAMPLE_RATE)
   summary = {'keys': list(KEYS), 'note_seconds': NOTE_SECONDS, 'soundfonts': {}}
   rows = []
@@ -192,42 +190,37 @@ def build(out: str) -> dict:
       ):
         dst.write(src.read())
       notes = notes_of(sf2)
-      duplicates = {}
+      sources = sorted({sid for sid, _ in notes})
+      duplicates = {}  # sample id -> the probe clip it matches
       with open(os.path.join(folder, sf2_in), 'rb') as f:
-        for sid in sorted({sid for sid, _ in notes}):
+        for sid in sources:
           s = sf2.samples[sid]
           stored = read_frames(f, sf2, s, int(OVERLAP_SECONDS * s.sample_rate) + 1)
           if s.sample_rate != SAMPLE_RATE:
             stored = soxr.resample(stored, s.sample_rate, SAMPLE_RATE, quality='HQ')
           corr = max_correlation(_unit(stored, n), refs)
           if corr.max() > OVERLAP_CORRELATION:
-            duplicates[f'{sid}:{s.name}'] = names[int(corr.argmax())]
-        dup_ids = {int(k.split(':')[0]) for k in duplicates}
+            duplicates[sid] = names[int(corr.argmax())]
         written = 0
         for sid, key in notes:
-          if sid in dup_ids:
+          if sid in duplicates:
             continue
           s = sf2.samples[sid]
-          wave = render(f, sf2, s, key)
           file = f'{name}__{sid:04d}_{gm.slug(s.name)}__{"drum" if key is None else key}.flac'
-          sf.write(
-            os.path.join(audio, file),
-            records.to_int16(wave),
-            SAMPLE_RATE,
-            subtype='PCM_16',
-            format='FLAC',
-          )
+          gm.write_clip(render(f, sf2, s, key), SAMPLE_RATE, os.path.join(audio, file))
           rows.append(f'audio/{file}')
           written += 1
       summary['soundfonts'][name] = {
         'package': f'{package} {version}',
         'deb_sha256': digest,
         'notes': written,
-        'source_samples': len({sid for sid, _ in notes}),
-        'samples_matching_a_probe_clip': duplicates,
+        'source_samples': len(sources),
+        'samples_matching_a_probe_clip': {
+          f'{sid}:{sf2.samples[sid].name}': clip for sid, clip in duplicates.items()
+        },
       }
       print(
-        f'{name}: {written} notes from {len({sid for sid, _ in notes})} samples; '
+        f'{name}: {written} notes from {len(sources)} samples; '
         f'{len(duplicates)} samples match a probe clip and were left out',
         flush=True,
       )

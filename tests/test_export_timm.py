@@ -444,7 +444,7 @@ def test_save_timm_writes_a_tagged_safetensors_file(model, tmp_path):
 @needs_torch
 def test_pt_file_with_pickled_objects_is_refused_with_a_hint(model, tmp_path):
   """Audio-MAE saves its argparse args next to the weights: refused by default, read with
-  opaque_objects=True (the args become inert placeholders; the command line does that)."""
+  opaque_objects=True (the args become inert stand-in classes; the command line does that)."""
   path = tmp_path / 'with_args.pth'
   state_dict = {k: torch.from_numpy(v) for k, v in model['state'].items()}
   torch.save({'model': state_dict, 'args': argparse.Namespace(lr=1e-3)}, path)

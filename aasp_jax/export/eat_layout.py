@@ -33,7 +33,7 @@ The head count is not in the weights: it is read from the fairseq config saved i
 the Hugging Face `config.json` next to the weights, else width / 64 (EAT-base 12, EAT-large 16).
 
 fairseq checkpoints pickle their config (with enums of EAT's code) next to the weights: the file is
-read with torch's weights-only unpickler and those objects replaced by inert placeholders
+read with torch's weights-only unpickler and those objects replaced by inert stand-in classes
 (`timm_layout._load_torch`), so neither fairseq nor EAT's code is needed, and none runs.
 
   python -m aasp_jax.export.eat_layout --weights=EAT-base_epoch30_pretrain.pt --workdir=runs/eat_b

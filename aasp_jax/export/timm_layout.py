@@ -556,7 +556,7 @@ def _load_torch(path: str, opaque_objects: bool = False) -> Any:
     if opaque_objects:
       # Training checkpoints (fairseq's EAT) pickle their config, enums and argparse objects next
       # to the weights. torch's weights-only unpickler still reads the file; each of those
-      # classes is replaced by an inert placeholder, so no code named in the file is imported.
+      # classes is replaced by an inert stand-in class, so no code named in the file is imported.
       names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
       stubs = [(_opaque_class(n), n) for n in names]
       with torch.serialization.safe_globals(stubs):
@@ -568,7 +568,7 @@ def _load_torch(path: str, opaque_objects: bool = False) -> Any:
         f'{path}: holds Python objects besides tensors (e.g. training args), which '
         'torch.load(weights_only=True) refuses to unpickle for safety. Pass '
         'opaque_objects=True (the command line does) to read its tensors with those objects '
-        'replaced by inert placeholders.'
+        'replaced by inert stand-in classes.'
       ) from e
     raise TimmLayoutError(f'{path}: not a readable PyTorch checkpoint ({e}).') from e
 
@@ -587,7 +587,7 @@ def load_state_dict_file(path: str, opaque_objects: bool = False) -> dict[str, n
   'model' / 'state_dict' wrappers are unwrapped and 'module.' / 'model.' / 'encoder.' prefixes
   stripped; other non-tensor entries of a wrapper (epoch, optimizer) are not part of the result.
   `opaque_objects`: read the tensors of a .pt file that also pickles Python objects (a training
-  config, enums), which are replaced by inert placeholders (see `_load_torch`); otherwise such a
+  config, enums), which are replaced by inert stand-in classes (see `_load_torch`); otherwise such a
   file is refused with a hint.
   """
   path = os.fspath(path)
