@@ -664,11 +664,12 @@ def check_resumable(
   """
   current = _flatten(json.loads(config.to_json()))
   before = _flatten(saved)
-  # A checkpoint written before a model field existed was made with that field's default.
-  from aasp_jax.models import build  # flax is only needed here, not to read checkpoints
+  # A checkpoint written before a field existed was made with that field's default.
+  from aasp_jax import configuration  # flax is only needed here, not to read checkpoints
 
-  for field, default in build.LATER_MODEL_FIELDS.items():
-    before.setdefault(f'model.{field}', default)
+  for key, default in configuration.LATER_FIELDS.items():
+    if key not in before:
+      before[key] = current.get(key, '<absent>') if default is configuration.ANY else default
   differing = []
   for key in sorted(set(current) | set(before)):
     if not any(key == k or key.startswith(k + '.') for k in keys):

@@ -33,6 +33,29 @@ CHOICES = {
 }
 
 
+# Keys added after checkpoints existed, with the value a saved config without them was run with
+# (the code reads them with these defaults). ANY: the key only matters for a setting that such a
+# checkpoint cannot have (e.g. the Audio-MAE decoder's sizes, with predictor.kind != 'mae').
+ANY = object()
+LATER_FIELDS = {
+  **{f'model.{k}': v for k, v in build.LATER_MODEL_FIELDS.items()},
+  'model.init': 'aasp',
+  'model.predictor.cnn_input_proj': True,
+  'model.predictor.cnn_norm_affine': True,
+  'model.predictor.cnn_norm_eps': 1e-6,
+  'model.predictor.cnn_mask_fill': 'token',
+  'model.predictor.cnn_mask_noise_std': 0.01,
+  'model.predictor.mae_attention': ANY,
+  'model.predictor.mae_width': ANY,
+  'model.predictor.mae_depth': ANY,
+  'model.predictor.mae_num_heads': ANY,
+  'objective.eat_clips_per_worker': 12,
+  'objective.mask_centres': 'coverage',
+  'optimizer.adam': 'optax',
+  'optimizer.decay_params': 'kernels',
+}
+
+
 class ConfigError(ValueError):
   """A config that cannot run; the message names the key and what to change."""
 

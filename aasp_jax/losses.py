@@ -29,9 +29,10 @@ PATCH_NORM_EPS = 1e-6
 # objective.loss_scale: 'mean' averages e^2 over channels; 'eat' is data2vec's d2v_loss as EAT uses
 # it (sum over channels of e^2, times loss_scale = 1 / sqrt(D)).
 LOSS_SCALES = ('mean', 'eat')
-# objective.utterance_reduction over the clone rows: 'mean', or EAT's 'sum' (its cls_loss multiplies
-# sample_size, and fairseq divides the summed loss by sample_size again).
-UTTERANCE_REDUCTIONS = ('mean', 'sum')
+# objective.utterance_reduction over the clone rows: 'mean'; 'eat', EAT's weight, the mean times
+# EAT's rows per GPU (see `utterance_loss`); 'sum', the sum over the global rows (EAT's weight only
+# when one GPU holds the whole global batch; it grows with the global batch).
+UTTERANCE_REDUCTIONS = ('mean', 'sum', 'eat')
 
 
 def _num_clips(num_rows: int, num_clones: int) -> int:
@@ -138,14 +139,19 @@ def utterance_loss(
   num_clones: int,
   loss_scale: str = 'mean',
   reduction: str = 'mean',
+  rows_per_worker: int = 1,
 ) -> jax.Array:
   """EAT's utterance-level loss between each clone's CLS output [R = B * M, D] and its clip's target
   averaged over tokens [B, D]. Float32 scalar.
 
   Each row's error is `token_error(cls - mean target, loss_scale)`; `reduction` 'mean' averages the
-  rows (the default: with 'mean' scale, the MSE over clones and channels), 'sum' adds them, as EAT's
-  CLS term does after fairseq's division by sample_size. On a sharded global batch the sum runs over
-  the global rows.
+  rows (the default: with 'mean' scale, the MSE over clones and channels) and 'sum' adds the global
+  rows. 'eat' is EAT's weight: its CLS term is d2v_loss * sample_size
+  (models/EAT_pretraining.py:659-661), and fairseq divides the loss summed over W GPUs by
+  sample_size summed over them (fairseq/trainer.py multiply_grads after DDP's gradient mean), so
+  with equal masks per GPU the term is (1 / W) * the global row sum = `rows_per_worker` * the row
+  mean. Expressed that way (EAT's AS-2M run: 12 clips x 16 clones = 192 rows per GPU) it does not
+  depend on how many devices run the step.
   """
   _check_choice('loss_scale', loss_scale, LOSS_SCALES)
   _check_choice('utterance_reduction', reduction, UTTERANCE_REDUCTIONS)
@@ -157,7 +163,11 @@ def utterance_loss(
   if loss_scale == 'mean' and reduction == 'mean':
     return jnp.mean(jnp.square(err_bmd))
   row_bm = token_error(err_bmd, loss_scale)
-  return row_bm.sum() if reduction == 'sum' else row_bm.mean()
+  if reduction == 'sum':
+    return row_bm.sum()
+  if reduction == 'eat':
+    return row_bm.mean() * rows_per_worker
+  return row_bm.mean()
 
 
 def patchify(x_btf: jax.Array, patch_t: int, patch_f: int) -> jax.Array:

@@ -51,13 +51,16 @@ def _check(num_tokens: int, mask_ratio: float, block_size: int = 1) -> None:
 
 
 def num_visible(num_tokens: int, mask_ratio: float) -> int:
-  """Visible tokens per clone: round((1 - ratio) * N), clamped to [1, N - 1].
+  """Visible tokens per clone: int((1 - ratio) * N), truncated as EAT does, clamped to [1, N - 1].
 
-  The clamp keeps both the visible and the masked sets non-empty, so the encoder and the predictor
-  always have at least one token. The result depends only on static config, so it is a valid shape.
+  EAT's compute_block_mask_2d (utils/data_utils.py:347 at 06c1c34, with inverse_mask its mask_prob
+  is 1 - ratio) keeps `int(L * mask_prob)` tokens: 102 of 512 and 25 of 128 at ratio 0.8 (rounding
+  would give 26 on a 16 x 8 grid). The clamp keeps both the visible and the masked sets non-empty,
+  so the encoder and the predictor always have at least one token. The result depends only on
+  static config, so it is a valid shape.
   """
   _check(num_tokens, mask_ratio)
-  return int(min(max(round((1.0 - mask_ratio) * num_tokens), 1), num_tokens - 1))
+  return int(min(max(int((1.0 - mask_ratio) * num_tokens), 1), num_tokens - 1))
 
 
 def _block_offsets(block_size: int) -> tuple[int, int]:
@@ -109,12 +112,29 @@ def num_centres(grid: tuple[int, int], mask_ratio: float, block_size: int) -> in
   return 64 * total
 
 
+# EAT's mask_prob_adjust (config/pretraining_AS2M.yaml): extra block centres over the visible share.
+EAT_MASK_PROB_ADJUST = 0.07
+CENTRE_RULES = ('coverage', 'eat')
+
+
+def eat_num_centres(grid: tuple[int, int], mask_ratio: float, block_size: int) -> int:
+  """EAT's block count: int(N * (1 - ratio + 0.07) / block_size^2) uniform centres drawn with
+  replacement (compute_block_mask_2d, utils/data_utils.py:296-309 at 06c1c34): 5 on a 64 x 8 grid,
+  1 on 16 x 8, 0 (then the visible tokens are drawn at random) on 8 x 8. Its blocks are clamped to
+  the grid (:323-327), which covers the same cells as our clipped squares."""
+  n_time, n_freq = grid
+  total = n_time * n_freq
+  _check(total, mask_ratio, block_size)
+  return int(total * ((1.0 - mask_ratio) + EAT_MASK_PROB_ADJUST) / block_size**2)
+
+
 def inverse_block_mask(
   rng: jax.Array,
   batch: int,
   grid: tuple[int, int],
   mask_ratio: float = 0.8,
   block_size: int = 5,
+  centres: str = 'coverage',
 ) -> Masks:
   """Draws `batch` independent inverse block masks on a (n_time, n_freq) token grid.
 
@@ -128,27 +148,34 @@ def inverse_block_mask(
     grid: (n_time, n_freq) token grid; tokens are flattened time-major.
     mask_ratio: fraction of tokens masked, in (0, 1).
     block_size: side of the square visible blocks, >= 1.
+    centres: how many block centres: 'coverage' (`num_centres`, the fewest expected to cover the
+      visible share) or 'eat' (`eat_num_centres`, EAT's count). Either way the union is then
+      trimmed or topped up with random tokens to exactly the visible count, as EAT does
+      (data_utils.py:345-382).
 
   Returns:
     Masks with exactly num_visible(N, mask_ratio) visible tokens in every row.
   """
   n_time, n_freq = grid
   _check(n_time * n_freq, mask_ratio, block_size)
+  if centres not in CENTRE_RULES:
+    raise ValueError(f'objective.mask_centres={centres!r} is not valid; choose one of {CENTRE_RULES}.')
+  count = (num_centres if centres == 'coverage' else eat_num_centres)(grid, mask_ratio, block_size)
   # Validate eagerly (clear errors, not tracer noise), then run one compiled program: jitting here
   # also caches the draw per static config when it is called outside a jitted step (e.g. in tests),
   # and it simply inlines when called inside one.
-  return _inverse_block_mask(rng, batch, tuple(grid), float(mask_ratio), int(block_size))
+  return _inverse_block_mask(rng, batch, tuple(grid), float(mask_ratio), int(block_size), count)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _inverse_block_mask(
-  rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: float, block_size: int
+  rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: float, block_size: int,
+  n_centres: int,
 ) -> Masks:
   """The traced body of `inverse_block_mask`; all but `rng` are static."""
   n_time, n_freq = grid
   total = n_time * n_freq
   n_vis = num_visible(total, mask_ratio)
-  n_centres = num_centres(grid, mask_ratio, block_size)
   lo, hi = _block_offsets(block_size)
 
   # One uniform draw feeds both the centres and the tie-breaking noise: each threefry call is a
@@ -190,6 +217,7 @@ def gather(x_bnd: jax.Array, idx_bk: jax.Array) -> jax.Array:
 
 __all__ = [
   'Masks',
+  'eat_num_centres',
   'expected_coverage',
   'gather',
   'inverse_block_mask',

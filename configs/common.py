@@ -74,6 +74,9 @@ def model_config(variant: str = 'B/16', stem: str = 'aape', predictor: str = 'cr
     )
   )
   m.max_time_patches = 750  # 2 minutes at 100 frames/s and 16-frame patches
+  # Parameter initialisation (aasp_jax/models/init.py): 'aasp' | 'eat' (BERT N(0, 0.02) linears,
+  # CLS N(0, 1), torch-default decoder and patch bias, as EAT's pre-training draws them).
+  m.init = 'aasp'
   # Encoder variants for imported weights (aasp_jax/models/vit.py); the defaults are AaSP's encoder.
   m.posemb = 'sincos'  # | 'sincos_mae' (Audio-MAE / EAT) | 'learned' (a table parameter)
   m.block_norm = 'pre'  # | 'post' (EAT / data2vec 2.0: norm after each residual add)
@@ -90,13 +93,28 @@ def model_config(variant: str = 'B/16', stem: str = 'aape', predictor: str = 'cr
   m.predictor = ConfigDict(
     dict(
       kind=predictor,
-      width=64 if tiny else 384,
+      width=64 if tiny else 384,  # 0: the encoder's width (EAT's decoder)
       depth=1 if tiny else 2,
       num_heads=2 if tiny else 6,
       mlp_ratio=4.0,
       cnn_layers=6,
       cnn_kernel_size=3,
       cnn_groups=16,
+      # EAT's decoder (models/modules.py:182-230): no input projection (the first convolution
+      # reads the encoder output), LayerNorm without affine at eps 1e-5, masked cells filled
+      # with fresh N(0, 0.01) noise each step. The defaults are AaSP's CNN-decoder ablation.
+      cnn_input_proj=True,
+      cnn_norm_affine=True,
+      cnn_norm_eps=1e-6,
+      cnn_mask_fill='token',  # | 'noise'
+      cnn_mask_noise_std=0.01,
+      # kind='mae': Audio-MAE's decoder (aasp_jax/models/mae_decoder.py). 'local' is its
+      # decoder_mode=1, the one its AudioSet pre-training used (16 shifted-window blocks, width 512,
+      # 16 heads); 'global' is decoder_mode=0 (Audio-MAE's ViT-B recipe then has 8 blocks).
+      mae_attention='local',
+      mae_width=64 if tiny else 512,
+      mae_depth=2 if tiny else 16,
+      mae_num_heads=2 if tiny else 16,
     )
   )
   return m
@@ -140,6 +158,9 @@ def objective_config(depth: int) -> ConfigDict:
   o.num_clones = 16  # M masked copies of every clip; the teacher runs once per clip
   o.mask_ratio = 0.8
   o.mask_block_size = 5
+  # Block centres per clone: 'coverage' (the fewest expected to cover the visible share: 6 on
+  # 64 x 8) | 'eat' (EAT's int(N * (1 - ratio + 0.07) / 25): 5 on 64 x 8); aasp_jax/masking.py.
+  o.mask_centres = 'coverage'
   o.top_k_layers = depth  # teacher targets average the top k block outputs (all of ViT-B's 12)
   o.utterance_weight = 1.0
   o.contrastive_weight = 1.0
@@ -152,7 +173,10 @@ def objective_config(depth: int) -> ConfigDict:
   o.kind = 'aasp'  # 'aasp': EMA-teacher targets | 'mae': reconstruct the masked log-mel patches
   o.mae_norm_patches = True  # kind=mae: normalise each target patch (Audio-MAE's norm_pix_loss)
   o.loss_scale = 'mean'  # 'mean': mean_D e^2 | 'eat': sum_D e^2 / sqrt(D) per token (d2v_loss)
-  o.utterance_reduction = 'mean'  # over the B*M clone rows: 'mean' | 'sum' (EAT's CLS term)
+  # Over the B*M clone rows: 'mean' | 'eat' (EAT's weight: the mean times eat_clips_per_worker *
+  # num_clones, EAT's rows per GPU; it does not depend on the device count) | 'sum' (global rows).
+  o.utterance_reduction = 'mean'
+  o.eat_clips_per_worker = 12  # EAT's AS-2M run: batch_size 12 per GPU (4 GPUs)
   o.target_layers = 'residual'  # teacher layers: 'residual' block outputs | 'ffn' (EAT)
   o.stem_input = 'full'  # student stem on the whole clip | 'masked': per clone, masked patches = 0
   o.context_metric = False  # also log frame_loss_shuffled (other clips' context; one more pass)
@@ -165,9 +189,13 @@ RECIPES = ('aasp', 'eat', 'mae')
 def apply_recipe(config: ConfigDict, recipe: str) -> ConfigDict:
   """Sets the fields that turn the AaSP config into another recipe's; returns `config`.
 
-  'aasp' changes nothing. 'eat' is EAT's objective on our encoder: conv stem, CNN decoder, no
-  contrastive term, d2v loss scaling, summed CLS loss and FFN-output targets. 'mae' is Audio-MAE's
-  masked-patch reconstruction (no teacher) without the contrastive term.
+  'aasp' changes nothing. 'eat' is EAT's pre-training as its code runs it (EAT 06c1c34, fairseq
+  3d262bb2; tests/test_eat_step.py holds the step equal to it): conv stem, post-LN blocks with an
+  input LayerNorm and no final norm, MAE's frequency-first sin-cos positions (float32), EAT's CNN
+  decoder as wide as the encoder, no contrastive term, d2v loss scaling, the CLS term weighted by
+  EAT's rows per GPU, FFN-output targets, fairseq's Adam with weight decay on every parameter,
+  EAT's warm-up share (53,333 of 400,000 updates) and EAT's initialisation. 'mae' is Audio-MAE's
+  masked-patch reconstruction (no teacher) with Audio-MAE's decoder, without the contrastive term.
 
   It overwrites model.stem and model.predictor.kind, which are also `stem=` / `predictor=` variant
   arguments: pretrain.py applies the recipe after them, so the recipe wins; later command-line
@@ -177,13 +205,27 @@ def apply_recipe(config: ConfigDict, recipe: str) -> ConfigDict:
     raise ValueError(f'Unknown recipe {recipe!r}; choose one of {RECIPES}.')
   o = config.objective
   if recipe == 'eat':
-    config.model.stem = 'conv'
-    config.model.predictor.kind = 'cnn'
+    m, p = config.model, config.model.predictor
+    m.stem = 'conv'
+    m.block_norm = 'post'
+    m.posemb = 'sincos_mae'
+    m.init = 'eat'
+    p.kind = 'cnn'
+    p.width = 0  # as wide as the encoder (decoder_dim 768 for ViT-B)
+    p.cnn_input_proj = False
+    p.cnn_norm_affine = False
+    p.cnn_norm_eps = 1e-5
+    p.cnn_mask_fill = 'noise'
     o.contrastive_weight = 0.0
     o.loss_scale = 'eat'
-    o.utterance_reduction = 'sum'
+    o.utterance_reduction = 'eat'
     o.target_layers = 'ffn'
+    o.mask_centres = 'eat'
+    config.optimizer.adam = 'fairseq'
+    config.optimizer.decay_params = 'all'
+    config.optimizer.warmup_fraction = 53_333 / 400_000
   elif recipe == 'mae':
+    config.model.predictor.kind = 'mae'  # Audio-MAE's own decoder
     o.kind = 'mae'
     o.contrastive_weight = 0.0
   return config
@@ -201,6 +243,8 @@ def optimizer_config() -> ConfigDict:
       warmup_fraction=0.1,
       end_lr_fraction=0.0,
       clip_norm=4.0,
+      adam='optax',  # | 'fairseq' (EAT's: eps before the bias correction; train/optimizer.py)
+      decay_params='kernels',  # | 'all' (what EAT's run decayed; train/optimizer.py)
       ema_start=0.9998,
       ema_end=0.99999,
       ema_anneal_steps=100_000,

@@ -39,6 +39,8 @@ def _mean_component_size(mask_bn):
 def test_num_visible():
   assert masking.num_visible(512, 0.8) == 102
   assert masking.num_visible(512, 0.5) == 256
+  # EAT truncates (utils/data_utils.py:347): 25 of a 16 x 8 grid at 0.8, not round()'s 26.
+  assert masking.num_visible(128, 0.8) == int(128 * (1 - 0.8)) == 25
   assert masking.num_visible(10, 0.99) == 1  # Never zero visible tokens.
   assert masking.num_visible(10, 0.01) == 9  # Never zero masked tokens.
 
@@ -165,3 +167,15 @@ def test_bad_ratio_raises(ratio):
 def test_bad_block_size_raises(block_size):
   with pytest.raises(ValueError, match='block_size'):
     masking.inverse_block_mask(jax.random.key(0), 2, GRID, 0.8, block_size)
+
+
+def test_eat_centre_count():
+  """EAT's count, int(L * (mask_prob + mask_prob_adjust) / 25) with mask_prob = 1 - 0.8
+  (utils/data_utils.py:296-309): 5 on 64 x 8, 1 on 16 x 8, 0 on 8 x 8; the masks keep exactly the
+  visible count either way."""
+  assert [masking.eat_num_centres(g, 0.8, 5) for g in ((64, 8), (16, 8), (8, 8))] == [5, 1, 0]
+  for grid in ((16, 8), (8, 8)):
+    m = masking.inverse_block_mask(jax.random.key(0), 4, grid, 0.8, 5, centres='eat')
+    assert m.visible_idx.shape == (4, masking.num_visible(grid[0] * grid[1], 0.8))
+  with pytest.raises(ValueError, match='mask_centres'):
+    masking.inverse_block_mask(jax.random.key(0), 4, (8, 8), 0.8, 5, centres='bogus')

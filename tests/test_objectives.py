@@ -343,18 +343,32 @@ def changed(arg):
 
 def test_apply_recipe_sets_exactly_the_listed_fields():
   assert changed('variant=tiny,recipe=aasp') == {}
+  # EAT is AaSP with exactly these switches (tests/test_eat_step.py proves the step).
   eat = {
     'model.stem': 'conv',
+    'model.block_norm': 'post',
+    'model.posemb': 'sincos_mae',
+    'model.init': 'eat',
     'model.predictor.kind': 'cnn',
+    'model.predictor.width': 0,
+    'model.predictor.cnn_input_proj': False,
+    'model.predictor.cnn_norm_affine': False,
+    'model.predictor.cnn_norm_eps': 1e-5,
+    'model.predictor.cnn_mask_fill': 'noise',
     'objective.contrastive_weight': 0.0,
     'objective.loss_scale': 'eat',
-    'objective.utterance_reduction': 'sum',
+    'objective.utterance_reduction': 'eat',
     'objective.target_layers': 'ffn',
+    'objective.mask_centres': 'eat',
+    'optimizer.adam': 'fairseq',
+    'optimizer.decay_params': 'all',
+    'optimizer.warmup_fraction': 53_333 / 400_000,
   }
   assert changed('variant=tiny,recipe=eat') == eat
   # The recipe runs after the stem / predictor arguments, so it wins over them.
   assert changed('variant=tiny,stem=aape,predictor=cross_attention,recipe=eat') == eat
   assert changed('variant=tiny,recipe=mae') == {
+    'model.predictor.kind': 'mae',
     'objective.kind': 'mae',
     'objective.contrastive_weight': 0.0,
   }

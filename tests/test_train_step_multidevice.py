@@ -61,10 +61,10 @@ MESHES = ((8, 1, 1), (2, 2, 2), (1, 8, 1))
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def _config(mesh_shape):
+def _config(mesh_shape, arg=''):
   data, fsdp, tensor = mesh_shape
   return configuration.load_config(
-    f'configs/pretrain.py:variant=tiny,target_length={TARGET_LENGTH}',
+    f'configs/pretrain.py:variant=tiny,target_length={TARGET_LENGTH}{arg}',
     list(OVERRIDES) + [f'mesh.data={data}', f'mesh.fsdp={fsdp}', f'mesh.tensor={tensor}'],
   )
 
@@ -79,9 +79,9 @@ def _batch():
   }
 
 
-def _one_step(mesh_shape, devices):
+def _one_step(mesh_shape, devices, arg=''):
   """(state before, state after, metrics) of one step of the tiny model on the given mesh."""
-  cfg = _config(mesh_shape)
+  cfg = _config(mesh_shape, arg)
   objective = objective_lib.AaSPObjective.from_config(cfg)
   tx, schedule = optimizer.make_optimizer(cfg.optimizer, cfg.global_batch, cfg.total_steps)
   mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -197,6 +197,21 @@ def test_sharded_step_matches_single_device(reference, mesh_shape):
   else:
     # Pure data parallelism: the parameters are replicated.
     assert all(leaf.sharding.is_fully_replicated for leaf in leaves)
+
+
+@pytest.mark.slow
+def test_eat_cls_weight_does_not_depend_on_the_device_count():
+  """recipe=eat weights the CLS term by EAT's rows per GPU (eat_clips_per_worker * num_clones) times
+  the row mean: the same loss on 1 and on 2 devices (EAT's own weight, (1 / W) * the row sum over
+  its W GPUs, would halve on 2)."""
+  runs = [_one_step((n, 1, 1), jax.devices()[:n], ',recipe=eat') for n in (1, 2)]
+  (_, _, one), (_, _, two) = runs
+  assert float(one['utterance_loss']) > 0
+  for key in ('loss', 'frame_loss', 'utterance_loss'):
+    np.testing.assert_allclose(float(two[key]), float(one[key]), rtol=1e-5, err_msg=key)
+  # The value is 12 clips x 2 clones = 24 rows times the per-row error: not the global row sum.
+  cfg = _config((1, 1, 1), ',recipe=eat')
+  assert cfg.objective.utterance_reduction == 'eat' and cfg.objective.eat_clips_per_worker == 12
 
 
 def _numpy_infonce(z, ids, temperature):

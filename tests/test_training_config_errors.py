@@ -107,6 +107,16 @@ def test_workdir_of_an_incompatible_run(tmp_path):
   post = tiny_config('global_batch=8', f'data.train={data}', 'model.block_norm=post')
   with pytest.raises(configuration.ConfigError, match="model.block_norm: checkpoint 'pre'"):
     checkpointing.check_resumable(saved, post, str(tmp_path))
+  # Likewise every key added with EAT's recipe (configuration.LATER_FIELDS).
+  saved = json.loads(old.to_json())
+  del saved['objective']['mask_centres'], saved['optimizer']['adam'], saved['model']['init']
+  for key in [k for k in saved['model']['predictor'] if k.startswith(('cnn_', 'mae_'))]:
+    if key not in ('cnn_layers', 'cnn_kernel_size', 'cnn_groups'):
+      del saved['model']['predictor'][key]
+  checkpointing.check_resumable(saved, old, str(tmp_path))
+  eat_masks = tiny_config('global_batch=8', f'data.train={data}', 'objective.mask_centres=eat')
+  with pytest.raises(configuration.ConfigError, match="mask_centres: checkpoint 'coverage'"):
+    checkpointing.check_resumable(saved, eat_masks, str(tmp_path))
 
 
 def test_cli_prints_config_errors_without_a_traceback(tmp_path):

@@ -11,6 +11,7 @@ from aasp_jax.models import posemb, vit
 from aasp_jax.models.aape import AaPE
 from aasp_jax.models.cnn_decoder import CnnDecoder
 from aasp_jax.models.conv_stem import ConvPatchStem
+from aasp_jax.models.mae_decoder import AudioMaeDecoder
 from aasp_jax.models.predictor import CrossAttentionPredictor
 from aasp_jax.models.vit import Encoder
 
@@ -26,7 +27,7 @@ STEMS = ('aape', 'conv')
 LATER_MODEL_FIELDS = {'posemb': 'sincos', 'block_norm': 'pre', 'norm_eps': 1e-6}
 POSEMBS = posemb.KINDS  # 'sincos' | 'sincos_mae' | 'learned' (aasp_jax/models/vit.py)
 BLOCK_NORMS = vit.BLOCK_NORMS  # 'pre' | 'post'
-PREDICTORS = ('cross_attention', 'cnn')
+PREDICTORS = ('cross_attention', 'cnn', 'mae')  # 'mae': Audio-MAE's decoder (models/mae_decoder.py)
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -79,13 +80,18 @@ def build_encoder(model_cfg: ConfigDict, drop_path: float | None = None) -> Enco
   )
 
 
+def predictor_width(model_cfg: ConfigDict) -> int:
+  """model.predictor.width, where 0 means the encoder's width (EAT's decoder is as wide)."""
+  return model_cfg.predictor.width or model_cfg.width
+
+
 def build_predictor(model_cfg: ConfigDict):
   """The masked-target predictor; outputs are projected to the encoder width."""
   p = model_cfg.predictor
   dtype, param_dtype = dtype_of(model_cfg.dtype), dtype_of(model_cfg.param_dtype)
   if p.kind == 'cross_attention':
     return CrossAttentionPredictor(
-      width=p.width,
+      width=predictor_width(model_cfg),
       depth=p.depth,
       num_heads=p.num_heads,
       mlp_ratio=p.mlp_ratio,
@@ -97,11 +103,30 @@ def build_predictor(model_cfg: ConfigDict):
     )
   if p.kind == 'cnn':
     return CnnDecoder(
-      width=p.width,
+      width=predictor_width(model_cfg),
       num_layers=p.cnn_layers,
       kernel_size=p.cnn_kernel_size,
       groups=p.cnn_groups,
       out_dim=model_cfg.width,
+      # Switches added with EAT's decoder (configs saved before them mean the AaSP decoder).
+      input_proj=p.get('cnn_input_proj', True),
+      norm_affine=p.get('cnn_norm_affine', True),
+      norm_eps=float(p.get('cnn_norm_eps', 1e-6)),
+      mask_fill=p.get('cnn_mask_fill', 'token'),
+      mask_noise_std=float(p.get('cnn_mask_noise_std', 0.01)),
+      dtype=dtype,
+      param_dtype=param_dtype,
+    )
+  if p.kind == 'mae':
+    return AudioMaeDecoder(
+      width=p.mae_width,
+      depth=p.mae_depth,
+      num_heads=p.mae_num_heads,
+      mlp_ratio=p.mlp_ratio,
+      out_dim=model_cfg.width,
+      attention=p.mae_attention,
+      max_time_patches=model_cfg.max_time_patches,
+      remat=model_cfg.remat,
       dtype=dtype,
       param_dtype=param_dtype,
     )

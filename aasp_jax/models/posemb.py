@@ -16,13 +16,18 @@ KINDS = ('sincos', 'sincos_mae', 'learned')
 FIXED_KINDS = ('sincos', 'sincos_mae')
 
 
-def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
-  """MAE-style 1-D sin-cos embedding: half sines, half cosines, geometric frequencies."""
+def _sincos_1d(dim: int, positions: np.ndarray, dtype=np.float64) -> np.ndarray:
+  """MAE-style 1-D sin-cos embedding: half sines, half cosines, geometric frequencies.
+
+  dtype float32 computes it as MAE's / EAT's get_1d_sincos_pos_embed_from_grid does, step for step
+  in float32 (EAT models/mae.py:433-451); float64 is AaSP's table (rounded to float32 once).
+  """
   if dim % 2:
     raise ValueError(f'sin-cos embedding needs an even dimension, got {dim}.')
-  omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+  omega = np.arange(dim // 2, dtype=dtype)
+  omega /= dim / 2.0
   omega = 1.0 / 10000**omega
-  angles = np.einsum('p,d->pd', positions.astype(np.float64), omega)
+  angles = np.einsum('p,d->pd', positions.astype(dtype), omega)
   return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
@@ -39,8 +44,15 @@ def sincos_table(
   if dim % 4:
     raise ValueError(f'2-D sin-cos embedding needs a width divisible by 4, got {dim}.')
   shape = (max_time_patches, num_freq_patches, dim // 2)
-  t_emb = np.broadcast_to(_sincos_1d(dim // 2, np.arange(max_time_patches))[:, None, :], shape)
-  f_emb = np.broadcast_to(_sincos_1d(dim // 2, np.arange(num_freq_patches))[None, :, :], shape)
+  # 'sincos_mae' in float32 as EAT's code builds it (EAT's table bit for bit; Audio-MAE computes
+  # the same table in float64, within 1e-5).
+  dtype = np.float64 if kind == 'sincos' else np.float32
+  t_emb = np.broadcast_to(
+    _sincos_1d(dim // 2, np.arange(max_time_patches), dtype)[:, None, :], shape
+  )
+  f_emb = np.broadcast_to(
+    _sincos_1d(dim // 2, np.arange(num_freq_patches), dtype)[None, :, :], shape
+  )
   halves = [t_emb, f_emb] if kind == 'sincos' else [f_emb, t_emb]
   return np.concatenate(halves, axis=-1).astype(np.float32)
 

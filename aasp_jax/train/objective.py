@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from aasp_jax import configuration, losses
+from aasp_jax import configuration, losses, masking
 from aasp_jax.audio import fbank_device
 from aasp_jax.audio.presets import FrontEndPreset
 from aasp_jax.models import build
+from aasp_jax.models import init as init_lib
 from aasp_jax.models.heads import ProjectionHead
 from aasp_jax.models.vit import LAYER_SOURCES
 
@@ -27,6 +28,8 @@ CHOICES = {
   'utterance_reduction': losses.UTTERANCE_REDUCTIONS,
   'target_layers': LAYER_SOURCES,
   'stem_input': ('full', 'masked'),
+  'init': init_lib.INITS,
+  'mask_centres': masking.CENTRE_RULES,
 }
 
 
@@ -54,6 +57,10 @@ class AaSPObjective:
   stem_input: str = 'full'
   context_metric: bool = False
   mae_norm_patches: bool = True
+  # utterance_reduction='eat': the CLS term's row weight, EAT's clips per GPU (see losses.py).
+  eat_clips_per_worker: int = 12
+  init: str = 'aasp'  # model.init: 'aasp' | 'eat' (aasp_jax/models/init.py)
+  mask_centres: str = 'coverage'  # | 'eat' (masking.eat_num_centres)
 
   def __post_init__(self):
     for key, choices in CHOICES.items():
@@ -103,6 +110,10 @@ class AaSPObjective:
       stem_input=o.stem_input,
       context_metric=o.context_metric,
       mae_norm_patches=o.mae_norm_patches,
+      # Keys added after checkpoints existed: a config without them means the AaSP defaults.
+      eat_clips_per_worker=o.get('eat_clips_per_worker', 12),
+      init=m.get('init', 'aasp'),
+      mask_centres=o.get('mask_centres', 'coverage'),
     )
 
   @property
@@ -123,16 +134,40 @@ class AaSPObjective:
       return batch['log_mel'].astype(jnp.float32)
     return fbank_device.features(batch['waveform'], self.preset, batch.get('num_samples'))
 
+  @property
+  def mask_noise(self) -> bool:
+    """Whether the predictor fills masked cells with fresh noise each step (EAT's decoder)."""
+    return getattr(self.predictor, 'mask_fill', None) == 'noise'
+
+  def draw_mask_noise(self, rng, masked_idx_rk):
+    """EAT's decoder fill for the masked cells, [R, K, C] from `rng`; None for other predictors."""
+    if not self.mask_noise:
+      return None
+    return self.predictor.draw_mask_noise(rng, masked_idx_rk, self.encoder.width)
+
   def init_params(self, rng: jax.Array) -> dict:
-    """Student parameters (boxed with logical axes): encoder, predictor and projection head."""
+    """Student parameters (boxed with logical axes): encoder, predictor and projection head,
+    drawn by the modules' initialisers and then redrawn under `init` (models/init.py)."""
     k_enc, k_pred, k_proj = jax.random.split(rng, 3)
+    k_init = jax.random.fold_in(rng, 3)  # a fourth stream; the first three keep their draws
     x = jnp.zeros((1, self.preset.target_length, self.preset.num_mel_bins), jnp.float32)
     width = self.encoder.width
     idx = jnp.zeros((1, 1), jnp.int32)
-    return {
+    params = {
       'encoder': self.encoder.init(k_enc, x)['params'],
       'predictor': self.predictor.init(
-        k_pred, jnp.zeros((1, 1, width), jnp.float32), idx, idx, self.grid
+        k_pred,
+        jnp.zeros((1, 1, width), jnp.float32),
+        idx,
+        idx,
+        self.grid,
+        **predictor_extras(self.draw_mask_noise(k_pred, idx)),
       )['params'],
       'projection': self.projection.init(k_proj, jnp.zeros((1, width), jnp.float32))['params'],
     }
+    return init_lib.apply_init(self.init, params, k_init)
+
+
+def predictor_extras(mask_noise) -> dict:
+  """The predictor call's keyword arguments beyond the shared signature: EAT's decoder noise."""
+  return {} if mask_noise is None else {'mask_noise': mask_noise}

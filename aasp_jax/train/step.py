@@ -11,12 +11,17 @@ Objective switches (static fields of `AaSPObjective`, all defaulting to the abov
 - kind='mae': the targets are the clip's own (per-patch normalised) log-mel patches, as Audio-MAE;
   no teacher runs (the EMA update still does, so checkpoints and evaluation are unchanged) and the
   utterance term is 0. frame_loss is then the reconstruction loss.
-- loss_scale='eat', utterance_reduction='sum', target_layers='ffn': EAT's d2v_loss scaling, its
-  summed CLS term and its FFN-output targets (see aasp_jax/losses.py and models/vit.py).
+- loss_scale='eat', utterance_reduction='eat', target_layers='ffn': EAT's d2v_loss scaling, its
+  CLS-term weight (rows per GPU) and its FFN-output targets (see aasp_jax/losses.py, models/vit.py).
+- predictor=cnn with cnn_mask_fill='noise': EAT's decoder, whose masked cells get fresh
+  N(0, 0.01) noise each step (drawn here from the step's key, `step_randomness`).
 - stem_input='masked': the student's stem runs per clone row on the log-mel with the masked patches
   set to 0, so no visible token sees masked frames through the stem's receptive field.
 - context_metric: also log frame_loss_shuffled, the loss when every row's predictor gets the
   visible tokens of another clip's clone (its own positions): how much the predictor needs content.
+
+`recipe=eat` (configs/common.py) sets every switch to EAT's value; tests/test_eat_step.py holds
+this step equal to EAT's own, re-stated in PyTorch, over several updates.
 
 Clone rows are clip-major: rows b*M .. b*M + M - 1 are the clones of clip b.
 """
@@ -31,7 +36,7 @@ import optax
 
 from aasp_jax import losses, masking
 from aasp_jax.models.vit import gather_tokens
-from aasp_jax.train.objective import AaSPObjective
+from aasp_jax.train.objective import AaSPObjective, predictor_extras
 from aasp_jax.train.optimizer import ema_decay
 from aasp_jax.train import state as state_lib
 from aasp_jax.train.state import TrainState
@@ -75,14 +80,28 @@ def student_tokens(objective: AaSPObjective, encoder_params, x_btf, masks) -> ja
   return tokens_bnd[clip_of_row[:, None], masks.visible_idx]
 
 
+def step_randomness(objective: AaSPObjective, rng: jax.Array, step, num_clips: int):
+  """The step's random draws from the base key and the update count: (masks for the B * M clone
+  rows, the predictor's mask noise or None). Public so that a test can hand the same draws to a
+  reference implementation."""
+  step_rng = jax.random.fold_in(rng, step)
+  masks = masking.inverse_block_mask(
+    step_rng, num_clips * objective.num_clones, objective.grid, objective.mask_ratio,
+    objective.mask_block_size, objective.mask_centres,
+  )
+  noise = objective.draw_mask_noise(jax.random.fold_in(step_rng, 1), masks.masked_idx)
+  return masks, noise
+
+
 def student_loss(
-  objective: AaSPObjective, params, x_btf, targets_bnd, masks, clones_per_target=None
+  objective: AaSPObjective, params, x_btf, targets_bnd, masks, clones_per_target=None,
+  mask_noise=None,
 ):
   """Total loss and its parts for the M masked clones of every clip.
 
   `targets_bnd` holds one target per clip (`clones_per_target` = M, the AaSP design) or, for the
   naive baseline, one per clone row (`clones_per_target` = 1). For kind='mae' they are the
-  `losses.mae_targets` patches of each clip.
+  `losses.mae_targets` patches of each clip. `mask_noise`: EAT's decoder fill (`step_randomness`).
   """
   o, m = objective, objective.num_clones
   per_target = m if clones_per_target is None else clones_per_target
@@ -93,7 +112,12 @@ def student_loss(
 
   def predict_loss(predictor_params, context_rvd):
     pred_rkd = o.predictor.apply(
-      {'params': predictor_params}, context_rvd, masks.visible_idx, masks.masked_idx, o.grid
+      {'params': predictor_params},
+      context_rvd,
+      masks.visible_idx,
+      masks.masked_idx,
+      o.grid,
+      **predictor_extras(mask_noise),
     )
     if o.kind == 'mae':
       return pred_rkd, losses.mae_loss(pred_rkd, targets_bnd, masks.masked_idx, per_target)
@@ -107,7 +131,12 @@ def student_loss(
     total = frame
   else:
     utterance = losses.utterance_loss(
-      out['cls'], targets_bnd, per_target, o.loss_scale, o.utterance_reduction
+      out['cls'],
+      targets_bnd,
+      per_target,
+      o.loss_scale,
+      o.utterance_reduction,
+      rows_per_worker=o.eat_clips_per_worker * o.num_clones,
     )
     total = frame + o.utterance_weight * utterance
   aux = {
@@ -156,7 +185,6 @@ def train_step(
   With objective.kind='mae' the targets are the clip's log-mel patches and no teacher runs.
   """
   o = objective
-  step_rng = jax.random.fold_in(rng, state.step)
   x_btf = o.features(batch)
   if o.kind == 'mae':
     if teacher_per_clone:
@@ -166,17 +194,18 @@ def train_step(
     targets_bnd = teacher_forward(o, state.teacher, jnp.repeat(x_btf, o.num_clones, axis=0))
   else:
     targets_bnd = teacher_forward(o, state.teacher, x_btf)
-  masks = masking.inverse_block_mask(
-    step_rng, x_btf.shape[0] * o.num_clones, o.grid, o.mask_ratio, o.mask_block_size
-  )
+  masks, mask_noise = step_randomness(o, rng, state.step, x_btf.shape[0])
   grad_fn = jax.value_and_grad(
-    functools.partial(student_loss, o, clones_per_target=1 if teacher_per_clone else None),
+    functools.partial(
+      student_loss, o, clones_per_target=1 if teacher_per_clone else None, mask_noise=mask_noise
+    ),
     has_aux=True,
   )
   (loss, aux), grads = grad_fn(state.params, x_btf, targets_bnd, masks)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  tau = ema_decay(opt_cfg, state.step)
+  # The EMA after update k anneals on k, the new parameters' update count (EAT's set_num_updates).
+  tau = ema_decay(opt_cfg, state.step + 1)
   teacher = jax.tree.map(
     lambda t, s: (tau * t + (1.0 - tau) * s).astype(t.dtype), state.teacher, params['encoder']
   )

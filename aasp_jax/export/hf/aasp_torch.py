@@ -526,10 +526,13 @@ class AaPEStem(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
-  """posemb._sincos_1d: float64 [P, dim], half sines, half cosines, geometric frequencies."""
-  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-  angles = np.einsum('p,d->pd', positions.astype(np.float64), omega)
+def sincos_1d(dim: int, positions: np.ndarray, dtype=np.float64) -> np.ndarray:
+  """posemb._sincos_1d: [P, dim], half sines, half cosines, geometric frequencies (float32: as
+  MAE's / EAT's code computes it, for 'sincos_mae')."""
+  omega = np.arange(dim // 2, dtype=dtype)
+  omega /= dim / 2.0
+  omega = 1.0 / 10000**omega
+  angles = np.einsum('p,d->pd', positions.astype(dtype), omega)
   return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
@@ -539,11 +542,12 @@ def sincos_table(dim: int, num_time: int, num_freq: int, kind: str = 'sincos') -
   reverse."""
   if dim % 4:
     raise ValueError(f'2-D sin-cos embedding needs a width divisible by 4, got {dim}.')
+  dtype = np.float64 if kind == 'sincos' else np.float32
   t_emb = np.broadcast_to(
-    sincos_1d(dim // 2, np.arange(num_time))[:, None], (num_time, num_freq, dim // 2)
+    sincos_1d(dim // 2, np.arange(num_time), dtype)[:, None], (num_time, num_freq, dim // 2)
   )
   f_emb = np.broadcast_to(
-    sincos_1d(dim // 2, np.arange(num_freq))[None], (num_time, num_freq, dim // 2)
+    sincos_1d(dim // 2, np.arange(num_freq), dtype)[None], (num_time, num_freq, dim // 2)
   )
   halves = [t_emb, f_emb] if kind == 'sincos' else [f_emb, t_emb]
   return np.concatenate(halves, axis=-1).astype(np.float32)
