@@ -668,8 +668,8 @@ def check_resumable(
   from aasp_jax import configuration  # flax is only needed here, not to read checkpoints
 
   for key, default in configuration.LATER_FIELDS.items():
-    if key not in before:
-      before[key] = current.get(key, '<absent>') if default is configuration.ANY else default
+    if key in current and key not in before:  # (fine-tuning configs have other sections)
+      before[key] = current[key] if default is configuration.ANY else default
   differing = []
   for key in sorted(set(current) | set(before)):
     if not any(key == k or key.startswith(k + '.') for k in keys):

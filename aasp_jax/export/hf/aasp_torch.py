@@ -60,11 +60,12 @@ ENCODER_PREFIX = 'encoder.'
 HEAD_PREFIX = 'classifier.'
 
 # The config fields this rebuild reads, and those that do not change the function it computes
-# (precision, memory and kernel choices of the JAX run; the predictor is not part of the encoder).
+# (precision, memory and kernel choices of the JAX run, how the weights were first drawn; the
+# predictor is not part of the encoder).
 _MODEL_FIELDS = frozenset(
   'variant width depth num_heads mlp_dim patch_t patch_f stem aape max_time_patches posemb '
   'block_norm norm_eps drop_path dtype param_dtype remat scan_layers attention_impl '
-  'predictor'.split()
+  'predictor init'.split()
 )
 _MODEL_CHOICES = {
   'stem': ('conv', 'aape'),
