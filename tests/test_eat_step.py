@@ -375,9 +375,10 @@ def setup(config=EAT_CONFIG, overrides=()):
   return cfg, objective, tx, schedule, state
 
 
-def run_and_compare(cfg, objective, tx, schedule, state, steps=STEPS):
-  """Runs `steps` JAX updates and the oracle's in float64 and float32; returns the worst ratio of
-  the JAX error to the float32 oracle's error per quantity, and the errors themselves."""
+def run_and_compare(cfg, objective, tx, schedule, state, steps=STEPS, first_update_only=False):
+  """Runs `steps` JAX updates and the oracle's in float64 and float32; returns per update and
+  quantity (JAX's error, the float32 oracle's error) against the float64 oracle.
+  `first_update_only`: one update's targets, losses and gradients, without compiling the step."""
   o = objective
   x = log_mels()
   batch = {'log_mel': jnp.asarray(x)}
@@ -402,11 +403,14 @@ def run_and_compare(cfg, objective, tx, schedule, state, steps=STEPS):
   oracles = {dt: EatTrainer(start, teacher, dt, cfg.optimizer) for dt in (torch.float64, torch.float32)}
   source = {dt: torch.tensor(x, dtype=dt) for dt in oracles}
   errors = []
-  for _ in range(steps):
+  for _ in range(1 if first_update_only else steps):
     masks, noise, targets, loss, aux, grads, clipped = pieces(state)
-    new_state, metrics = train_step(state, batch, rng)
-    # The pieces are what the step computed.
-    np.testing.assert_allclose(float(metrics['loss']), float(loss), rtol=1e-6)
+    # (lr(0) = 0: the first update leaves the parameters and so the teacher as they were.)
+    new_state = state.replace(step=state.step + 1)
+    if not first_update_only:
+      new_state, metrics = train_step(state, batch, rng)
+      # The pieces are what the step computed.
+      np.testing.assert_allclose(float(metrics['loss']), float(loss), rtol=1e-6)
     mask_t = torch.tensor(np.asarray(masks.mask))
     ours = {
       'targets': np.asarray(targets),
@@ -507,8 +511,8 @@ def test_aasp_with_its_additions_off_is_eats_step():
   (tests/test_losses.py, tests/test_train_step_multidevice.py) and AaPE (tests/test_aape.py)."""
   cfg, objective, tx, schedule, state = setup(overrides=['model.stem=aape'])
   assert cfg.model.stem == 'aape' and float(jnp.abs(state.params['encoder']['stem']['gate']).max()) == 0
-  errors = run_and_compare(cfg, objective, tx, schedule, state, steps=1)
-  bad = failures(errors, skip=('clipped:',))
+  errors = run_and_compare(cfg, objective, tx, schedule, state, first_update_only=True)
+  bad = failures(errors, skip=('clipped:', 'updates:'))
   assert not bad, bad[:10]
   assert any(k.startswith('grads:') for k in errors[0])
 
@@ -526,3 +530,30 @@ def test_grouped_conv_is_lax_conv(groups, kernel):
   np.testing.assert_allclose(
     ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5
   )
+
+
+def test_eat_init_draws_what_eat_draws():
+  """model.init=eat (models/init.py): BERT N(0, 0.02) linears with zero biases, CLS N(0, 1), the
+  decoder's convolutions and output projection and the patch bias U(+-1/sqrt(fan_in)) (torch's
+  default), LayerNorms 1 / 0. (AaSP's init, xavier kernels and CLS N(0, 0.02), fails each.)"""
+  cfg = configuration.load_config(EAT_CONFIG, OVERRIDES + ['model.width=128', 'model.mlp_dim=512'])
+  params = nn.meta.unbox(
+    jax.jit(objective_lib.AaSPObjective.from_config(cfg).init_params)(jax.random.key(3))
+  )
+  enc, dec = params['encoder'], params['predictor']
+  fc1 = np.asarray(enc['blocks_0']['mlp']['fc1']['kernel'])
+  assert abs(fc1.std() - 0.02) < 0.001 and abs(fc1.mean()) < 0.001
+  assert not np.any(enc['blocks_0']['attn']['query']['bias'])
+  cls = np.asarray(enc['cls'])
+  assert 0.8 < cls.std() < 1.2  # 128 draws of N(0, 1)
+  np.testing.assert_array_equal(enc['input_norm']['scale'], 1.0)
+  bound = 1 / math.sqrt(PATCH * PATCH)
+  stem_bias = np.asarray(enc['stem']['proj']['bias'])
+  assert np.abs(stem_bias).max() <= bound and stem_bias.std() > 0.4 * bound
+  for kernel, fan_in in (
+    (dec['conv_0']['kernel'], 3 * 3 * 128 // 16),
+    (dec['out_proj']['kernel'], 128),
+    (dec['conv_0']['bias'], 3 * 3 * 128 // 16),
+  ):
+    k, b = np.asarray(kernel), 1 / math.sqrt(fan_in)
+    assert np.abs(k).max() <= b and abs(k.std() - b / math.sqrt(3)) < 0.15 * b

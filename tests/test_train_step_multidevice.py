@@ -199,19 +199,30 @@ def test_sharded_step_matches_single_device(reference, mesh_shape):
     assert all(leaf.sharding.is_fully_replicated for leaf in leaves)
 
 
-@pytest.mark.slow
 def test_eat_cls_weight_does_not_depend_on_the_device_count():
   """recipe=eat weights the CLS term by EAT's rows per GPU (eat_clips_per_worker * num_clones) times
-  the row mean: the same loss on 1 and on 2 devices (EAT's own weight, (1 / W) * the row sum over
-  its W GPUs, would halve on 2)."""
-  runs = [_one_step((n, 1, 1), jax.devices()[:n], ',recipe=eat') for n in (1, 2)]
-  (_, _, one), (_, _, two) = runs
-  assert float(one['utterance_loss']) > 0
-  for key in ('loss', 'frame_loss', 'utterance_loss'):
-    np.testing.assert_allclose(float(two[key]), float(one[key]), rtol=1e-5, err_msg=key)
-  # The value is 12 clips x 2 clones = 24 rows times the per-row error: not the global row sum.
+  the row mean: the same loss with the batch on 1 and on 2 devices (EAT's own weight, (1 / W) * the
+  row sum over its W GPUs, would halve on 2)."""
   cfg = _config((1, 1, 1), ',recipe=eat')
   assert cfg.objective.utterance_reduction == 'eat' and cfg.objective.eat_clips_per_worker == 12
+  objective = objective_lib.AaSPObjective.from_config(cfg)
+  params = nn.meta.unbox(jax.jit(objective.init_params)(jax.random.key(0)))
+  x = objective.features(jax.tree.map(jax.numpy.asarray, _batch()))
+  targets = step_lib.teacher_forward(objective, params['encoder'], x)
+  masks, noise = step_lib.step_randomness(objective, jax.random.key(2), 0, GLOBAL_BATCH)
+  loss = jax.jit(lambda p, x, t, m, n: step_lib.student_loss(objective, p, x, t, m, mask_noise=n))
+  results = []
+  for n in (1, 2):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ('data',))
+    rows = NamedSharding(mesh, P('data'))
+    put = lambda a: jax.device_put(a, rows)  # noqa: E731
+    _, aux = loss(params, put(x), put(targets), jax.tree.map(put, masks), put(noise))
+    assert len(aux['utterance_loss'].sharding.device_set) <= n
+    results.append({k: float(aux[k]) for k in ('frame_loss', 'utterance_loss')})
+  one, two = results
+  assert one['utterance_loss'] > 0
+  for key in one:
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-5, err_msg=key)
 
 
 def _numpy_infonce(z, ids, temperature):
