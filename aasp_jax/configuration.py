@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict, FieldReference
 
+from aasp_jax import later_fields
 from aasp_jax.models import build
 
 CHOICES = {
@@ -34,26 +35,9 @@ CHOICES = {
 
 
 # Keys added after checkpoints existed, with the value a saved config without them was run with
-# (the code reads them with these defaults). ANY: the key only matters for a setting that such a
-# checkpoint cannot have (e.g. the Audio-MAE decoder's sizes, with predictor.kind != 'mae').
-ANY = object()
-LATER_FIELDS = {
-  **{f'model.{k}': v for k, v in build.LATER_MODEL_FIELDS.items()},
-  'model.init': 'aasp',
-  'model.predictor.cnn_input_proj': True,
-  'model.predictor.cnn_norm_affine': True,
-  'model.predictor.cnn_norm_eps': 1e-6,
-  'model.predictor.cnn_mask_fill': 'token',
-  'model.predictor.cnn_mask_noise_std': 0.01,
-  'model.predictor.mae_attention': ANY,
-  'model.predictor.mae_width': ANY,
-  'model.predictor.mae_depth': ANY,
-  'model.predictor.mae_num_heads': ANY,
-  'objective.eat_clips_per_worker': 12,
-  'objective.mask_centres': 'coverage',
-  'optimizer.adam': 'optax',
-  'optimizer.decay_params': 'kernels',
-}
+# (aasp_jax/later_fields.py holds the one table; resume's config check reads it from here).
+ANY = later_fields.ANY
+LATER_FIELDS = later_fields.FIELDS
 
 
 class ConfigError(ValueError):
@@ -144,7 +128,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
   for key, choices in (('posemb', build.POSEMBS), ('block_norm', build.BLOCK_NORMS)):
     if m.get(key, choices[0]) not in choices:
       raise ConfigError(f'Config key model.{key!r} is {m[key]!r}; choose one of {list(choices)}.')
-  if not 0.0 < float(m.get('norm_eps', 1e-6)) < 1.0:
+  if not 0.0 < float(later_fields.get(m, 'model.norm_eps')) < 1.0:
     raise ConfigError(f'model.norm_eps={m.norm_eps} must be a small positive number (e.g. 1e-6).')
   if m.width % m.num_heads:
     raise ConfigError(

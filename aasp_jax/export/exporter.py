@@ -45,6 +45,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 import aasp_jax
+from aasp_jax import later_fields
 from aasp_jax.audio import presets as presets_lib
 from aasp_jax.export import model_card, safetensors_io
 from aasp_jax.export.safetensors_io import ExportFormatError
@@ -244,7 +245,7 @@ def _model_dict(model_cfg) -> dict:
   model = (
     model_cfg.to_dict() if isinstance(model_cfg, ConfigDict) else json.loads(json.dumps(model_cfg))
   )
-  return {**build.LATER_MODEL_FIELDS, **model}
+  return {**later_fields.MODEL_FIELDS, **model}
 
 
 def _preset_of(preset) -> presets_lib.FrontEndPreset:

@@ -7,6 +7,7 @@ overridable on the command line (`--config.model.depth=6`).
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from aasp_jax import later_fields
 from aasp_jax.models import posemb, vit
 from aasp_jax.models.aape import AaPE
 from aasp_jax.models.cnn_decoder import CnnDecoder
@@ -23,8 +24,6 @@ VARIANTS = {
   'L': dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
 }
 STEMS = ('aape', 'conv')
-# Encoder fields added after checkpoints existed, with the value a config without them means.
-LATER_MODEL_FIELDS = {'posemb': 'sincos', 'block_norm': 'pre', 'norm_eps': 1e-6}
 POSEMBS = posemb.KINDS  # 'sincos' | 'sincos_mae' | 'learned' (aasp_jax/models/vit.py)
 BLOCK_NORMS = vit.BLOCK_NORMS  # 'pre' | 'post'
 PREDICTORS = ('cross_attention', 'cnn', 'mae')  # 'mae': Audio-MAE's decoder (models/mae_decoder.py)
@@ -74,9 +73,9 @@ def build_encoder(model_cfg: ConfigDict, drop_path: float | None = None) -> Enco
     scan_layers=model_cfg.scan_layers,
     attention_impl=_attention_impl(model_cfg),
     # Configs saved before these fields existed describe the defaults (AaSP's own encoder).
-    posemb=model_cfg.get('posemb', LATER_MODEL_FIELDS['posemb']),
-    block_norm=model_cfg.get('block_norm', LATER_MODEL_FIELDS['block_norm']),
-    norm_eps=float(model_cfg.get('norm_eps', LATER_MODEL_FIELDS['norm_eps'])),
+    posemb=later_fields.get(model_cfg, 'model.posemb'),
+    block_norm=later_fields.get(model_cfg, 'model.block_norm'),
+    norm_eps=float(later_fields.get(model_cfg, 'model.norm_eps')),
   )
 
 
@@ -109,11 +108,11 @@ def build_predictor(model_cfg: ConfigDict):
       groups=p.cnn_groups,
       out_dim=model_cfg.width,
       # Switches added with EAT's decoder (configs saved before them mean the AaSP decoder).
-      input_proj=p.get('cnn_input_proj', True),
-      norm_affine=p.get('cnn_norm_affine', True),
-      norm_eps=float(p.get('cnn_norm_eps', 1e-6)),
-      mask_fill=p.get('cnn_mask_fill', 'token'),
-      mask_noise_std=float(p.get('cnn_mask_noise_std', 0.01)),
+      input_proj=later_fields.get(p, 'model.predictor.cnn_input_proj'),
+      norm_affine=later_fields.get(p, 'model.predictor.cnn_norm_affine'),
+      norm_eps=float(later_fields.get(p, 'model.predictor.cnn_norm_eps')),
+      mask_fill=later_fields.get(p, 'model.predictor.cnn_mask_fill'),
+      mask_noise_std=float(later_fields.get(p, 'model.predictor.cnn_mask_noise_std')),
       dtype=dtype,
       param_dtype=param_dtype,
     )

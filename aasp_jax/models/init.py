@@ -45,7 +45,7 @@ def eat_init(params: dict, rng: jax.Array) -> dict:
   leaves = jax.tree_util.tree_flatten_with_path(plain)[0]
   keys = dict(zip([_key_names(p) for p, _ in leaves], jax.random.split(rng, len(leaves))))
 
-  def fan_in_of(names, value):
+  def fan_in_of(names):
     """fan_in of the kernel a leaf belongs to (a bias shares its kernel's)."""
     node = plain
     for name in names[:-1]:
@@ -65,14 +65,14 @@ def eat_init(params: dict, rng: jax.Array) -> dict:
     if top == 'encoder' and last == 'cls':
       new = jax.random.normal(key, value.shape, jnp.float32)
     elif in_stem and names[-2:] == ('proj', 'bias'):
-      bound = 1.0 / math.sqrt(fan_in_of(names, value))
+      bound = 1.0 / math.sqrt(fan_in_of(names))
       new = jax.random.uniform(key, value.shape, jnp.float32, -bound, bound)
     elif cnn and top == 'predictor' and _is_cnn_decoder_leaf(names) and last in ('kernel', 'bias'):
-      bound = 1.0 / math.sqrt(fan_in_of(names, value))
+      bound = 1.0 / math.sqrt(fan_in_of(names))
       new = jax.random.uniform(key, value.shape, jnp.float32, -bound, bound)
-    elif not in_stem and last == 'kernel' and _is_dense(names, value):
+    elif not in_stem and last == 'kernel' and _is_dense(names):
       new = BERT_STD * jax.random.normal(key, value.shape, jnp.float32)
-    elif not in_stem and last == 'bias' and _is_dense(names, value):
+    elif not in_stem and last == 'bias' and _is_dense(names):
       new = jnp.zeros(value.shape, jnp.float32)
     new = new.astype(value.dtype)
     return leaf.replace_boxed(new) if isinstance(leaf, nn.meta.AxisMetadata) else new
@@ -87,12 +87,12 @@ def _is_cnn_decoder_leaf(names: tuple[str, ...]) -> bool:
   return any(n.startswith('conv_') for n in names) or 'out_proj' in names
 
 
-def _is_dense(names: tuple[str, ...], value) -> bool:
+def _is_dense(names: tuple[str, ...]) -> bool:
   """A Dense layer's kernel or bias (not a LayerNorm's, not a token or a convolution)."""
   module = names[-2] if len(names) > 1 else ''
   if 'norm' in module or module.startswith('conv'):
     return False
-  return value.ndim >= 1 and names[-1] in ('kernel', 'bias')
+  return names[-1] in ('kernel', 'bias')
 
 
 def apply_init(kind: str, params: dict, rng: jax.Array) -> dict:

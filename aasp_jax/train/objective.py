@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from aasp_jax import configuration, losses, masking
+from aasp_jax import configuration, later_fields, losses, masking
 from aasp_jax.audio import fbank_device
 from aasp_jax.audio.presets import FrontEndPreset
 from aasp_jax.models import build
@@ -111,9 +111,9 @@ class AaSPObjective:
       context_metric=o.context_metric,
       mae_norm_patches=o.mae_norm_patches,
       # Keys added after checkpoints existed: a config without them means the AaSP defaults.
-      eat_clips_per_worker=o.get('eat_clips_per_worker', 12),
-      init=m.get('init', 'aasp'),
-      mask_centres=o.get('mask_centres', 'coverage'),
+      eat_clips_per_worker=later_fields.get(o, 'objective.eat_clips_per_worker'),
+      init=later_fields.get(m, 'model.init'),
+      mask_centres=later_fields.get(o, 'objective.mask_centres'),
     )
 
   @property

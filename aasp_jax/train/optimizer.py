@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
+from aasp_jax import later_fields
+
 ADAMS = ('optax', 'fairseq')
 DECAY_PARAMS = ('kernels', 'all')
 
@@ -98,7 +100,8 @@ def make_optimizer(opt: ConfigDict, global_batch: int, total_steps: int):
   """Returns (optax transformation, learning-rate schedule)."""
   schedule = learning_rate_schedule(opt, global_batch, total_steps)
   # Keys added with EAT's optimizer: a config saved without them means AaSP's.
-  adam, decay_params = opt.get('adam', 'optax'), opt.get('decay_params', 'kernels')
+  adam = later_fields.get(opt, 'optimizer.adam')
+  decay_params = later_fields.get(opt, 'optimizer.decay_params')
   _check_choice('adam', adam, ADAMS)
   _check_choice('decay_params', decay_params, DECAY_PARAMS)
   mask = weight_decay_mask if decay_params == 'kernels' else None
