@@ -17,6 +17,7 @@ FIELDS = {
   'model.block_norm': 'pre',
   'model.norm_eps': 1e-6,
   'model.init': 'aasp',
+  'model.aape.spectrum_floor': 0.0,
   'model.predictor.cnn_input_proj': True,
   'model.predictor.cnn_norm_affine': True,
   'model.predictor.cnn_norm_eps': 1e-6,

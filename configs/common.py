@@ -71,6 +71,9 @@ def model_config(variant: str = 'B/16', stem: str = 'aape', predictor: str = 'cr
       learn_delta=False,
       num_mod_bands=32,
       lambda_hidden=64,
+      # The Lambda encoder's log-magnitude floor, relative to white noise of the group's power
+      # (aasp_jax/models/aape.py SPECTRUM_FLOOR); runs saved before it existed used 0.
+      spectrum_floor=1e-2,
     )
   )
   m.max_time_patches = 750  # 2 minutes at 100 frames/s and 16-frame patches

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aasp_jax.evaluate import pretrained
-from aasp_jax.export import cli, exporter, safetensors_io, timm_layout
+from aasp_jax.export import cli, exporter, onnx_export, safetensors_io, timm_layout
 
 pytest.importorskip('torch')
 pytest.importorskip('onnx')
@@ -99,7 +99,8 @@ def test_files_hold_the_checkpoint_teacher(exported):
   session = onnxruntime.InferenceSession(
     os.path.join(out, 'model.onnx'), providers=['CPUExecutionProvider']
   )
-  cls, tokens = session.run(['cls', 'tokens'], {'log_mel': x})
+  mask = np.ones(x.shape[:2], np.int32)  # every frame holds audio: nothing is masked
+  cls, tokens = session.run(['cls', 'tokens'], {'log_mel': x, 'attention_mask': mask})
   jax_out = jax.tree.map(np.asarray, model.encoder.apply({'params': model.params}, x))
   assert np.max(np.abs(tokens - jax_out['tokens'])) / np.max(np.abs(jax_out['tokens'])) < 1e-4
   assert np.max(np.abs(cls - jax_out['cls'])) / np.max(np.abs(jax_out['cls'])) < 1e-4
@@ -173,3 +174,18 @@ def test_missing_checkpoint_or_step_exits_1(exported, tmp_path, capsys):
   assert 'no such checkpoint folder' in capsys.readouterr().err
   assert cli.main([checkpoint, str(tmp_path / 'b'), '--step', '7']) == 1
   assert 'no checkpoint of step 7' in capsys.readouterr().err
+
+
+def test_an_onnx_graph_that_fails_its_check_is_refused_and_not_left_behind(
+  exported, tmp_path, capsys, monkeypatch
+):
+  """A graph over the tolerance (forced here with a tolerance no graph meets) exits 1, names the
+  file it refused, and leaves neither model.onnx nor its unchecked temporary; the weights stay."""
+  checkpoint, _, _, _ = exported
+  monkeypatch.setattr(onnx_export, 'CHECK_TOLERANCE', 0.0)
+  out = tmp_path / 'refused'
+  assert cli.main([checkpoint, str(out), '--onnx']) == 1
+  err = capsys.readouterr().err
+  assert f'{out / "model.onnx"}: refused and not written' in err and 'above 0' in err
+  assert not [n for n in os.listdir(out) if n.startswith('model.onnx')]
+  assert 'model.safetensors' in os.listdir(out)

@@ -1,7 +1,9 @@
 """The export folder as a Hugging Face / PyTorch user meets it (aasp_jax/export/exporter.py, hf/).
 
-One real tiny checkpoint (the conv run: 2 steps, width 32, depth 2, 64-frame windows) is exported
-as an encoder folder and, with a random linear head, as a classifier folder, each with model.onnx.
+One real tiny checkpoint (the AaPE run: 2 steps, width 32, depth 2, 64-frame windows) with every
+parameter moved off its initial value (`eval_checkpoints.every_branch_active`: AaPE's gate and
+Lambda encoder are live) is exported as an encoder folder and, with a random linear head, as a
+classifier folder, each with model.onnx.
 A Python process that holds only torch, numpy, safetensors, transformers, onnxruntime and their
 dependencies (no JAX, Flax or aasp_jax: they are checked to be unimportable) then loads the
 folders three ways (AutoModel / AutoModelForAudioClassification + AutoFeatureExtractor with
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+import eval_checkpoints
 from conftest import REPO_ROOT
 
 pytest.importorskip('torch')
@@ -34,7 +37,7 @@ from packaging.utils import canonicalize_name  # noqa: E402
 
 from aasp_jax.audio import fbank_device  # noqa: E402
 from aasp_jax.data import clips  # noqa: E402
-from aasp_jax.evaluate import embed, pretrained  # noqa: E402
+from aasp_jax.evaluate import embed, pretrained, protocol  # noqa: E402
 from aasp_jax.export import exporter, onnx_export  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -57,10 +60,21 @@ def rel_err(got, want) -> float:
 def exported(tiny_checkpoints, tmp_path_factory):
   """(the JAX Pretrained, encoder folder, classifier folder, head {'kernel', 'bias'})."""
   root = tmp_path_factory.mktemp('hf_export')
-  checkpoint = tiny_checkpoints['conv']
+  checkpoint = tiny_checkpoints['aape']
   model = pretrained.load_pretrained(checkpoint)
+  model = dataclasses.replace(model, params=eval_checkpoints.every_branch_active(model.params))
   encoder_dir = str(root / 'encoder')
-  exporter.export_checkpoint(checkpoint, encoder_dir)
+  exporter.write_export(
+    encoder_dir,
+    model.config.model,
+    model.preset,
+    model.params,
+    which=model.which,
+    step=model.step,
+    source=model.source,
+    data=model.config.data.train,
+    origin=model.origin,
+  )
   rng = np.random.default_rng(0)
   head = {
     'kernel': rng.standard_normal((32, len(LABELS))).astype(np.float32),
@@ -158,9 +172,11 @@ with torch.no_grad():
   extractor = AutoFeatureExtractor.from_pretrained(encoder_dir, trust_remote_code=True)
   inputs = extractor(clips, sampling_rate=16000, return_tensors='pt')
   model = AutoModel.from_pretrained(encoder_dir, trust_remote_code=True)
-  hf = model(**inputs)
+  hf = model(**inputs)  # input_values and attention_mask: the padding is masked
   out.update(input_values=inputs['input_values'].numpy(), hf_cls=hf.cls.numpy(),
-             hf_scene=hf.scene.numpy())
+             hf_scene=hf.scene.numpy(), attention_mask=inputs['attention_mask'].numpy())
+  # Clips longer than a window: the documented method, HEAR's windowing.
+  out['hf_embed_scene'] = model.embed(torch.from_numpy(waves), torch.from_numpy(lengths))['scene']
   classifier = AutoModelForAudioClassification.from_pretrained(
     classifier_dir, trust_remote_code=True)
   out['hf_logits'] = classifier(**inputs).logits.numpy()
@@ -181,12 +197,14 @@ with torch.no_grad():
   out['resaved_torch_scene'] = resaved.embed(
     torch.from_numpy(waves), torch.from_numpy(lengths))['scene']
 # 3. onnxruntime, fed by the feature extractor.
-x = extractor(clips, sampling_rate=16000, return_tensors='np')['input_values']
-for name, folder, outputs in (('onnx_cls', encoder_dir, ['cls']),
-                              ('onnx_logits', classifier_dir, ['logits'])):
-  session = onnxruntime.InferenceSession(os.path.join(folder, 'model.onnx'),
-                                         providers=['CPUExecutionProvider'])
-  out[name] = session.run(outputs, {'log_mel': x})[0]
+feats = extractor(clips, sampling_rate=16000, return_tensors='np')
+session = onnxruntime.InferenceSession(os.path.join(encoder_dir, 'model.onnx'),
+                                       providers=['CPUExecutionProvider'])
+out['onnx_scene'], out['onnx_cls'] = session.run(
+  ['scene', 'cls'], {'log_mel': feats['input_values'], 'attention_mask': feats['attention_mask']})
+session = onnxruntime.InferenceSession(os.path.join(classifier_dir, 'model.onnx'),
+                                       providers=['CPUExecutionProvider'])
+out['onnx_logits'] = session.run(['logits'], {'log_mel': feats['input_values']})[0]
 np.savez(out_path, **{k: np.asarray(v) for k, v in out.items()})
 print(sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('jax', 'flax')))
 """
@@ -222,17 +240,31 @@ def torch_only_outputs(exported, audio, tmp_path_factory):
   return dict(np.load(root / 'out.npz'))
 
 
-def jax_window_outputs(model, audio):
-  """JAX's CLS and token mean of each clip's first window (zero-padded, no token mask, as the
-  feature extractor and `AaSPClassifier.predict` feed the model)."""
+def jax_window_outputs(model, audio, masked: bool):
+  """JAX's log-mel, CLS and token mean of each clip's first window (zero-padded), with the time
+  patches holding no frame of the clip masked (the padding rule of HEAR and the probes, which the
+  feature extractor's attention_mask carries) or not (the classifier's, as fine-tuning reads
+  clips), and the frame mask."""
   waves, lengths = audio
-  samples = model.preset.window_length + (model.preset.target_length - 1) * model.preset.frame_shift
+  preset = model.preset
+  samples = preset.window_length + (preset.target_length - 1) * preset.frame_shift
   windows = np.zeros((len(waves), samples), np.float32)
   windows[:, : min(samples, waves.shape[1])] = waves[:, :samples]
   valid = np.minimum(lengths, samples)
-  x = fbank_device.features(jnp.asarray(windows), model.preset, jnp.asarray(valid))
-  out = jax.tree.map(np.asarray, jax.jit(model.encoder.apply)({'params': model.params}, x))
-  return np.asarray(x), out['cls'], out['tokens'].mean(axis=1)
+  x = fbank_device.features(jnp.asarray(windows), preset, jnp.asarray(valid))
+  frames = np.asarray(protocol.valid_frames(valid, preset))
+  frame_valid = np.arange(preset.target_length)[None] < frames[:, None]
+  patch_t, patch_f = protocol._patch_size(model.encoder)
+  token_valid = np.repeat(frame_valid[:, ::patch_t], preset.num_mel_bins // patch_f, axis=1)
+  apply = jax.jit(model.encoder.apply)
+  if masked:
+    out = apply({'params': model.params}, x, token_valid_bn=jnp.asarray(token_valid))
+    w = token_valid[..., None].astype(np.float64)
+    mean = (np.asarray(out['tokens'], np.float64) * w).sum(1) / w.sum(1)
+  else:
+    out = apply({'params': model.params}, x)
+    mean = np.asarray(out['tokens']).mean(axis=1)
+  return np.asarray(x), np.asarray(out['cls']), mean, frame_valid
 
 
 def test_a_torch_only_process_loads_the_folder_three_ways_and_matches_jax(
@@ -240,21 +272,29 @@ def test_a_torch_only_process_loads_the_folder_three_ways_and_matches_jax(
 ):
   model, _, _, head = exported
   got = torch_only_outputs
-  x, cls, mean = jax_window_outputs(model, audio)
-  logits = cls.astype(np.float64) @ head['kernel'] + head['bias']
-  scene = embed.Embedder(model).scene_embeddings(*audio)
+  x, cls, mean, frame_valid = jax_window_outputs(model, audio, masked=True)
+  assert frame_valid.all(axis=1).sum() == 2 and not frame_valid[2].all()  # one clip is short
+  _, cls_unmasked, _, _ = jax_window_outputs(model, audio, masked=False)
+  logits = cls_unmasked.astype(np.float64) @ head['kernel'] + head['bias']
+  scene = np.concatenate([cls, mean], axis=1)
+  hear_scene = embed.Embedder(model).scene_embeddings(*audio)
   errors = {
     'input_values': rel_err(got['input_values'], x),
     'transformers cls': rel_err(got['hf_cls'], cls),
-    'transformers scene': rel_err(got['hf_scene'], np.concatenate([cls, mean], axis=1)),
+    'transformers scene': rel_err(got['hf_scene'], scene),
+    'transformers embed scene (HEAR)': rel_err(got['hf_embed_scene'], hear_scene),
     'transformers logits': rel_err(got['hf_logits'], logits),
-    'aasp_torch scene (embed)': rel_err(got['torch_scene'], scene),
+    'aasp_torch scene (embed)': rel_err(got['torch_scene'], hear_scene),
     'aasp_torch logits': rel_err(got['torch_logits'], logits),
+    'onnxruntime scene': rel_err(got['onnx_scene'], scene),
     'onnxruntime cls': rel_err(got['onnx_cls'], cls),
     'onnxruntime logits': rel_err(got['onnx_logits'], logits),
   }
   print(f'relative errors against JAX: {errors}')
   assert max(errors.values()) < TOLERANCE, errors
+  np.testing.assert_array_equal(got['attention_mask'], frame_valid.astype(np.int32))
+  # The short clip's scene is HEAR's (one window), whatever else is in the batch.
+  assert rel_err(got['hf_scene'][2], hear_scene[2]) < TOLERANCE
   assert tuple(got['torch_labels']) == LABELS
   # save_pretrained round trip: identical outputs, and aasp_torch reads the resaved folder.
   np.testing.assert_array_equal(got['resaved_scene'], got['hf_scene'])
@@ -318,7 +358,7 @@ def test_config_and_preprocessor_are_what_transformers_reads(exported):
   assert (config['which'], config['step'], config['source'], config['data']) == (
     'teacher',
     2,
-    'tiny_conv',
+    'tiny_aape',
     'fixtures/audio',
   )
   assert config['aasp_jax_version'] and 'id2label' not in config

@@ -536,3 +536,27 @@ def test_checkpoint_of_params_that_do_not_fit_the_config_is_refused(model, tmp_p
   ):
     timm_layout.write_encoder_checkpoint(str(tmp_path / 'run'), config, params)
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_a_damaged_imported_checkpoint_is_caught_on_load(model, tmp_path):
+  """Imported weights carry the trainer's checksums: one bit of one stored value flipped (the
+  files stay well-formed, so only the checksum can tell) and load_pretrained refuses the
+  checkpoint, naming the array."""
+  import tensorstore as ts
+
+  config = _config()
+  imported = timm_layout.from_timm(model['state'], config.model, num_mel_bins=MEL)
+  step_dir = timm_layout.write_encoder_checkpoint(
+    str(tmp_path / 'run'), config, imported.params, model_overrides=imported.model_overrides
+  )
+  pretrained.load_pretrained(str(tmp_path / 'run'))  # intact: verified and read
+  spec = {
+    'driver': 'zarr',
+    'kvstore': {'driver': 'ocdbt', 'base': f'file://{step_dir}/state/', 'path': 'train.teacher.cls/'},
+  }
+  store = ts.open(spec).result()
+  words = store.read().result().view(np.uint32).copy()
+  words.reshape(-1)[3] ^= np.uint32(1 << 2)
+  store.write(words.view(np.float32)).result()
+  with pytest.raises(checkpointing.NoUsableCheckpoint, match='array train.teacher.cls: checksum'):
+    pretrained.load_pretrained(str(tmp_path / 'run'))

@@ -349,7 +349,7 @@ def preprocessor_config(preset: presets_lib.FrontEndPreset) -> dict:
     'feature_size': preset.num_mel_bins,
     'padding_value': 0.0,
     'padding_side': 'right',
-    'return_attention_mask': False,
+    'return_attention_mask': True,  # the frames of each clip: the padding rule
     **fields,
   }
 

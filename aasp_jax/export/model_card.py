@@ -18,7 +18,8 @@ _FILE_NOTES = {
   'modeling_aasp.py': '`AaSPModel`, `AaSPForAudioClassification` for transformers',
   'feature_extraction_aasp.py': '`AaSPFeatureExtractor`: waveforms -> `input_values`',
   'timm_model.safetensors': 'the encoder in timm / Audio-MAE names, for `timm.VisionTransformer`',
-  'model.onnx': 'ONNX graph, log-mel in (dynamic batch and time), checked against PyTorch',
+  'model.onnx': 'ONNX graph, log-mel (and a frame mask) in, dynamic batch and time, checked against '
+  'PyTorch',
 }
 _POSEMB_NOTES = {
   'sincos': 'fixed 2-D sin-cos positions (time in the first half of each vector)',
@@ -157,7 +158,7 @@ model = aasp_torch.AaSPClassifier.from_pretrained('path/to/this/folder')
 logits = model.predict(torch.from_numpy(wave)[None])  # [1, labels], first window from the start
 model.labels  # the label names, in logit order
 ```"""
-    onnx_out = "logits = session.run(['logits'], {'log_mel': x})[0]  # [B, labels]"
+    onnx_out = "logits = session.run(['logits'], {'log_mel': x['input_values']})[0]  # [B, labels]"
   else:
     hf = f"""```python
 import torch
@@ -168,10 +169,15 @@ extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)
 model = AutoModel.from_pretrained(folder, trust_remote_code=True)
 inputs = extractor([wave], sampling_rate={rate}, return_tensors='pt')  # mono float32 at {rate} Hz
 with torch.no_grad():
-  out = model(**inputs)  # the clip's first {window_s:g} s
-out.scene  # [1, {2 * width}]: CLS ++ mean of the patch tokens
+  out = model(**inputs)  # the clip's first {window_s:g} s; attention_mask masks the padding
+  long = model.embed(torch.from_numpy(wave)[None])  # any length, cut into windows as HEAR does
+out.scene  # [1, {2 * width}]: CLS ++ mean of the clip's patch tokens
 out.cls, out.tokens  # [1, {width}], [1, patches (time-major), {width}]
-```"""
+```
+
+A clip shorter than the window is zero-padded; the extractor's `attention_mask` marks its frames,
+and the time patches with none of them are neither attended to nor pooled (aasp-jax's rule, so
+`scene` is the project's scene embedding). Pass it, as `model(**inputs)` does."""
     torch_only = f"""```python
 import sys
 import torch
@@ -185,18 +191,24 @@ out['frames']  # [1, T, {frame_width}]: one per {m['patch_t']}-frame time patch
 out['timestamps_ms']  # [1, T]: the time patches' centres
 tokens = model(model.features(torch.from_numpy(wave)[None]))['tokens']  # log-mel -> tokens
 ```"""
-    onnx_out = "cls, tokens = session.run(['cls', 'tokens'], {'log_mel': x})"
+    onnx_out = (
+      "scene, cls, tokens = session.run(None, {'log_mel': x['input_values'],\n"
+      "                                        'attention_mask': x['attention_mask']})"
+    )
+  mask_line = '' if classifier else (
+    '`attention_mask` is int32 [batch, frames], 1 for the frames of the clip (the extractor\'s); '
+  )
   if has_onnx:
     onnx = f"""```python
 import onnxruntime
 session = onnxruntime.InferenceSession('path/to/this/folder/model.onnx')
-x = extractor([wave], sampling_rate={rate}, return_tensors='np')['input_values']  # or any log-mel
+x = extractor([wave], sampling_rate={rate}, return_tensors='np')  # or any log-mel
 {onnx_out}
 ```
 
 `log_mel` is float32 [batch, frames, {p['num_mel_bins']}], normalised as the feature extractor
 returns it; batch and frames are dynamic (frames a multiple of {m['patch_t']}, up to
-{m['max_time_patches'] * m['patch_t']}). Longer clips: run it on consecutive windows."""
+{m['max_time_patches'] * m['patch_t']}). {mask_line}Longer clips: run it on consecutive windows."""
   else:
     onnx = (
       'Not in this folder: `aasp-export --onnx` adds model.onnx (log-mel in, dynamic batch and '

@@ -54,15 +54,21 @@ log = logging.getLogger(__name__)
 
 
 class LogMelGraph(nn.Module):
-  """log-mel [B, T, F] -> (cls [B, D], tokens [B, N, D]): ONNX outputs are tuples, not dicts."""
+  """(log-mel [B, T, F], attention_mask [B, T]) -> (scene [B, 2D], cls [B, D], tokens [B, N, D]).
+
+  `attention_mask` marks the frames of the clip (1) as the feature extractor returns it; the time
+  patches with none are masked as attention keys and left out of the scene's mean, the padding
+  rule of every aasp-jax path. ONNX outputs are tuples, not dicts.
+  """
 
   def __init__(self, encoder: nn.Module):
     super().__init__()
     self.encoder = encoder
 
-  def forward(self, log_mel_btf):
-    out = self.encoder(log_mel_btf)
-    return out['cls'], out['tokens']
+  def forward(self, log_mel_btf, attention_mask_bt):
+    token_valid = self.encoder.token_valid_of_frames(attention_mask_bt)
+    out = self.encoder(log_mel_btf, token_valid)
+    return self.encoder.scene(out, token_valid), out['cls'], out['tokens']
 
 
 class LogitsGraph(nn.Module):
@@ -77,16 +83,20 @@ class LogitsGraph(nn.Module):
 
 
 class WaveformGraph(nn.Module):
-  """One window of waveform [B, S] -> (scene [B, 2D], cls [B, D], tokens [B, N, D])."""
+  """(waveform [B, S] of one window, num_samples [B]) -> (scene [B, 2D], cls [B, D], tokens).
+
+  Clips shorter than the window are zero-padded to it with their true lengths in `num_samples`:
+  the front end analyses each clip's own samples and the padding is masked, as in `embed`.
+  """
 
   def __init__(self, encoder: nn.Module):
     super().__init__()
     self.encoder = encoder
 
-  def forward(self, waveform_bs):
-    out = self.encoder(self.encoder.features(waveform_bs))
-    scene = torch.cat([out['cls'], out['tokens'].mean(dim=1)], dim=-1)
-    return scene, out['cls'], out['tokens']
+  def forward(self, waveform_bs, num_samples_b):
+    token_valid = self.encoder.token_valid(num_samples_b)
+    out = self.encoder(self.encoder.features(waveform_bs, num_samples_b), token_valid)
+    return self.encoder.scene(out, token_valid), out['cls'], out['tokens']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +184,8 @@ def export_onnx(
   input and output).
 
   With `time_axis=(multiple, max_multiples)`, axis 1 of the first input is dynamic too, any
-  multiple of `multiple` up to `multiple * max_multiples`, and so is axis 1 of every output of
-  rank 3 (the tokens).
+  multiple of `multiple` up to `multiple * max_multiples`, and so is axis 1 of the other inputs
+  of rank 2 (the frame mask) and of every output of rank 3 (the tokens).
 
   The TorchScript exporter (`dynamo=False`, fast, opset `opset`) is tried first (unless
   `torchscript=False`); where it fails the dynamo exporter (torch.export + onnxscript, opset >= 18,
@@ -194,14 +204,19 @@ def export_onnx(
   with torch.no_grad():
     ranks = [out.ndim for out in _as_tuple(module(*inputs))]
   axes = {name: {0: 'batch'} for name in (*input_names, *output_names)}
-  shapes = [{0: torch.export.Dim('batch', min=1)}] + [{0: None} for _ in inputs[1:]]
+  batch = torch.export.Dim('batch', min=1)
+  shapes = [{0: batch} for _ in inputs]
   if time_axis is not None:
     multiple, max_multiples = time_axis
-    axes[input_names[0]][1] = 'frames'
+    frames = multiple * torch.export.Dim('time_patches', min=1, max=max_multiples)
+    # The first input's axis 1 is time, and so is that of every other input of rank 2 (a mask).
+    for i, (name, value) in enumerate(zip(input_names, inputs)):
+      if i == 0 or value.ndim == 2:
+        axes[name][1] = 'frames'
+        shapes[i][1] = frames
     for name, rank in zip(output_names, ranks):
       if rank == 3:
         axes[name][1] = 'patches'
-    shapes[0][1] = multiple * torch.export.Dim('time_patches', min=1, max=max_multiples)
   if torchscript:
     try:
       with torch.no_grad():
@@ -225,8 +240,26 @@ def export_onnx(
       f'{onnx_path}: neither ONNX exporter could export the model. TorchScript: '
       f'{torchscript_error}; dynamo: {dynamo_error!r}'
     ) from dynamo_error
+  _drop_stack_traces(partial)
   os.replace(partial, onnx_path)
   return 'dynamo'
+
+
+def _drop_stack_traces(path: str) -> None:
+  """Removes the dynamo exporter's per-node source stack traces: they hold absolute paths of the
+  machine that exported (an export folder names nothing of it), and no runtime reads them."""
+  import onnx
+
+  model = onnx.load(path)
+  graphs = [model.graph, *(f for f in model.functions)]
+  while graphs:
+    graph = graphs.pop()
+    for node in graph.node:
+      keep = [p for p in node.metadata_props if p.key != 'pkg.torch.onnx.stack_trace']
+      del node.metadata_props[:]
+      node.metadata_props.extend(keep)
+      graphs.extend(a.g for a in node.attribute if a.HasField('g'))
+  onnx.save(model, path)
 
 
 def _as_tuple(value) -> tuple:
@@ -263,17 +296,25 @@ def export_encoder_onnx(
     classifier, encoder = None, aasp_torch.AaSPEncoder.from_pretrained(export_dir)
   opts = encoder.front_end.opts
   generator = torch.Generator().manual_seed(0)
+  # The example's second clip holds 60% of the window: the mask is traced with padding in it.
   if graph == 'log_mel':
     module = LogitsGraph(classifier) if classifier is not None else LogMelGraph(encoder)
-    outputs = ['logits'] if classifier is not None else ['cls', 'tokens']
-    example = (torch.randn(batch, opts.target_length, opts.num_mel_bins, generator=generator),)
+    x = torch.randn(batch, opts.target_length, opts.num_mel_bins, generator=generator)
+    if classifier is not None:
+      example, names = (x,), (['log_mel'], ['logits'])
+    else:
+      frames = torch.full((batch,), opts.target_length)
+      frames[1:] = int(0.6 * opts.target_length)
+      mask = (torch.arange(opts.target_length)[None] < frames[:, None]).to(torch.int32)
+      example, names = (x, mask), (['log_mel', 'attention_mask'], ['scene', 'cls', 'tokens'])
     time_axis = (encoder.patch_t, encoder.max_time_patches)
-    names = (['log_mel'], outputs)
   else:
     module = WaveformGraph(encoder)
-    example = (0.1 * torch.randn(batch, opts.window_samples, generator=generator),)
+    lengths = torch.full((batch,), opts.window_samples, dtype=torch.int64)
+    lengths[1:] = int(0.6 * opts.window_samples)
+    example = (0.1 * torch.randn(batch, opts.window_samples, generator=generator), lengths)
     time_axis = None
-    names = (['waveform'], ['scene', 'cls', 'tokens'])
+    names = (['waveform', 'num_samples'], ['scene', 'cls', 'tokens'])
   # TorchScript has no symbolic for the SBLU kernel's sinh: AaPE goes straight to dynamo.
   torchscript = encoder.model['stem'] != 'aape'
   exporter = export_onnx(module, example, onnx_path, *names, opset, time_axis, torchscript)
@@ -287,6 +328,31 @@ def export_encoder_onnx(
     max_frames=max_frames,
     frame_multiple=None if time_axis is None else time_axis[0],
   )
+
+
+def check_inputs(done: OnnxExport) -> list[tuple]:
+  """The inputs an export is held to: the traced example; for a graph with a dynamic time axis
+  also half and twice its length (twice: the example repeated, a periodic input whose zero
+  modulation bins are the hardest case for AaPE's Lambda encoder), with the masks following."""
+  cases = [done.inputs]
+  if done.max_frames is None:
+    return cases
+  x = done.inputs[0]
+  half = max(done.frame_multiple, (x.shape[1] // 2) // done.frame_multiple * done.frame_multiple)
+  lengths = [half] + ([2 * x.shape[1]] if 2 * x.shape[1] <= done.max_frames else [])
+  for frames in lengths:
+    reps = -(-frames // x.shape[1])
+    case = [x.repeat(1, reps, 1)[:, :frames]]
+    if len(done.inputs) > 1:  # the frame mask: each clip's frames, scaled to the new length
+      valid = done.inputs[1].sum(dim=1) * frames // x.shape[1]
+      case.append((torch.arange(frames)[None] < valid[:, None]).to(done.inputs[1].dtype))
+    cases.append(tuple(case))
+  return cases
+
+
+def check_export(done: OnnxExport) -> float:
+  """The largest `check_onnx` error of an export over `check_inputs`."""
+  return max(check_onnx(done.path, done.module, inputs) for inputs in check_inputs(done))
 
 
 def onnx_opset(onnx_path: str | os.PathLike) -> int:

@@ -65,6 +65,12 @@ FUSIONS = ('gate', 'concat')
 # The Lambda encoder's log-magnitude floor, relative to a per-frame amplitude (the rFFT is divided
 # by T); it keeps log() finite for silent or constant inputs.
 _LOG_FLOOR = 1e-6
+# The floor relative to the level of white noise with the group's power (rms / sqrt(T)): 1e-2 puts
+# it 40 dB below that level. A bin that is zero in exact arithmetic (a periodic or constant series)
+# is float32 rounding noise, ~1e-7 of that level, whose value depends on the order of the DFT's
+# sums (JAX's rFFT, a matmul DFT in torch or ONNX); above this floor its log differs by ~1e-5
+# between them instead of by O(1). 0 is the floor of checkpoints saved before the field existed.
+SPECTRUM_FLOOR = 1e-2
 
 
 def initial_lambda(num_modes: int, kernel_size: int, patch_t: int, delta: float = 1.0):
@@ -119,6 +125,7 @@ class LambdaEncoder(nn.Module):
   num_mod_bands: int = 32
   lambda_hidden: int = 64
   init_delta: float = 1.0
+  spectrum_floor: float = SPECTRUM_FLOOR
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -155,9 +162,17 @@ class LambdaEncoder(nn.Module):
       return constrain_lambda(z_alpha, z_omega, self.kernel_size, self.patch_t, delta)
 
     u_btg = x_btf.astype(jnp.float32).reshape(batch, num_t, num_g, self.patch_f).mean(-1)
+    # The mean is removed after the first frame, the same in exact arithmetic; a constant series
+    # becomes exactly zero in any float order.
+    u_btg = u_btg - u_btg[:, :1]
     u_btg = u_btg - u_btg.mean(axis=1, keepdims=True)
     spec_bkg = jnp.fft.rfft(u_btg, axis=1)[:, 1 : num_t // 2 + 1] / num_t
-    logmag_bkg = jnp.log(jnp.abs(spec_bkg) + _LOG_FLOOR)
+    white_b1g = jnp.sqrt(jnp.mean(u_btg * u_btg, axis=1, keepdims=True) / num_t)
+    floor_b1g = _LOG_FLOOR + self.spectrum_floor * white_b1g
+    # log(|X| + floor) - log(floor): the same after the LayerNorm below (a shift per clip and
+    # group, and the pooling's columns sum to 1), but exactly 0 where |X| is, so a constant series
+    # gives exactly 0 in every band instead of float32 noise that the LayerNorm would blow up.
+    logmag_bkg = jnp.log1p(jnp.abs(spec_bkg) / floor_b1g)
     pool_kc = jnp.asarray(modulation_pooling_matrix(num_t, self.num_mod_bands))
     h_bgc = jnp.einsum('bkg,kc->bgc', logmag_bkg, pool_kc, precision=jax.lax.Precision.HIGHEST)
     # Normalising across bands removes the clip's gain (an additive log offset) and bounds the MLP
@@ -238,6 +253,7 @@ class AaPE(nn.Module):
   learn_delta: bool = False
   num_mod_bands: int = 32
   lambda_hidden: int = 64
+  spectrum_floor: float = SPECTRUM_FLOOR  # LambdaEncoder's log-magnitude floor (see there)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -294,6 +310,7 @@ class AaPE(nn.Module):
       num_mod_bands=self.num_mod_bands,
       lambda_hidden=self.lambda_hidden,
       init_delta=self.delta,
+      spectrum_floor=self.spectrum_floor,
       param_dtype=self.param_dtype,
       name='lambda_encoder',
     )(x_btf, delta)

@@ -53,7 +53,9 @@ def build_stem(model_cfg: ConfigDict):
   if model_cfg.stem == 'conv':
     return ConvPatchStem(**common)
   if model_cfg.stem == 'aape':
-    return AaPE(**common, **model_cfg.aape.to_dict())
+    aape = model_cfg.aape.to_dict()
+    aape['spectrum_floor'] = later_fields.get(model_cfg.aape, 'model.aape.spectrum_floor')
+    return AaPE(**common, **aape)
   raise ValueError(f'Unknown model.stem {model_cfg.stem!r}; choose one of {STEMS}.')
 
 

@@ -76,7 +76,7 @@ _MODEL_CHOICES = {
 _MODEL_DEFAULTS = {'posemb': 'sincos', 'block_norm': 'pre', 'norm_eps': 1e-6}
 _AAPE_FIELDS = frozenset(
   'num_modes kernel_size window phase lambda_mode fusion delta learn_delta '
-  'num_mod_bands lambda_hidden'.split()
+  'num_mod_bands lambda_hidden spectrum_floor'.split()
 )
 _AAPE_CHOICES = {
   'window': ('two_sided', 'one_sided'),
@@ -263,6 +263,8 @@ class LogMelFrontEnd(nn.Module):
       return torch.full((batch,), total, dtype=torch.int64, device=waveform_bs.device)
     lengths = torch.as_tensor(num_samples_b, dtype=torch.int64, device=waveform_bs.device)
     lengths = lengths.reshape(-1)
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+      return lengths  # an exported graph's input: no data-dependent branch
     if lengths.shape != (batch,) or bool((lengths > total).any()) or bool((lengths < 0).any()):
       raise ValueError(
         f'num_samples must hold one length in [0, {total}] per clip; got {lengths.tolist()}.'
@@ -392,6 +394,15 @@ def sblu_kernel(alpha, omega, kernel_size: int, delta, window: str, phase: str):
   return decay * (s_re * cos - s_im * sin), decay * (s_re * sin + s_im * cos)
 
 
+def log1p(x: torch.Tensor) -> torch.Tensor:
+  """log(1 + x), accurate for small x in every graph: ONNX has no Log1p, and its log(1 + x) loses
+  the digits of x below float32's eps (1e-5 relative on AaPE's envelope). Kahan's form
+  log(u) * x / (u - 1), u = 1 + x, cancels the rounding of u."""
+  u = 1.0 + x
+  d = u - 1.0
+  return torch.where(d == 0, x, torch.log(u) * (x / torch.where(d == 0, torch.ones_like(d), d)))
+
+
 def depthwise_conv_same(u_btf, h_re_bgnk, h_im_bgnk):
   """sblu.depthwise_conv_same: y[b, n, f, j] = sum_m h[b, g(f), j, m] u[b, n - m, f] with zero
   'same' padding. Returns (real, imag) [B, T, G, F // G, N]."""
@@ -417,7 +428,12 @@ def modulation_tables(num_t, num_bands: int, device=None):
   input length."""
   n = torch.arange(num_t, device=device)
   k = torch.arange(1, num_t // 2 + 1, device=device)
-  angle = 2.0 * math.pi * (n[:, None] * k[None, :]).to(torch.float64) / num_t
+  # n k mod T: the angles stay in [0, 2 pi), so the table is exactly T-periodic in n k whatever the
+  # runtime's cos does with large arguments (onnxruntime's did not: a periodic input's zero bins
+  # read as noise ~1e-3 of the signal there).
+  # (The divisor is T as a tensor, n[-1] + 1: the ONNX exporter has no remainder by a symbolic size.)
+  index = torch.remainder(n[:, None] * k[None, :], n[-1:] + 1)
+  angle = 2.0 * math.pi * index.to(torch.float64) / num_t
   cos_tk = torch.cos(angle).to(torch.float32)
   sin_tk = -torch.sin(angle).to(torch.float32)
   theta_k = 2.0 * math.pi * k.to(torch.float64) / num_t
@@ -438,6 +454,8 @@ class LambdaEncoder(nn.Module):
     self.num_modes, self.kernel_size = aape['num_modes'], aape['kernel_size']
     self.patch_t, self.patch_f, self.mode = patch_t, patch_f, aape['lambda_mode']
     self.num_bands = aape['num_mod_bands']
+    # Exports written before the field existed used no relative floor (aape.SPECTRUM_FLOOR).
+    self.spectrum_floor = float(aape.get('spectrum_floor', 0.0))
     if self.mode == 'fixed':
       self.z_alpha = nn.Parameter(torch.zeros(num_groups, self.num_modes))
       self.z_omega = nn.Parameter(torch.zeros(num_groups, self.num_modes))
@@ -456,11 +474,16 @@ class LambdaEncoder(nn.Module):
       z_omega = self.z_omega.expand(batch, num_g, num_n)
       return constrain_lambda(z_alpha, z_omega, self.kernel_size, self.patch_t, delta)
     u_btg = x_btf.reshape(batch, num_t, num_g, self.patch_f).mean(-1)
+    u_btg = u_btg - u_btg[:, :1]  # a constant series becomes exactly zero (see aape.py)
     u_btg = u_btg - u_btg.mean(dim=1, keepdim=True)
     cos_tk, sin_tk, pool_kc = modulation_tables(num_t, self.num_bands, x_btf.device)
+    cos_tk, sin_tk, pool_kc = (t.to(x_btf.dtype) for t in (cos_tk, sin_tk, pool_kc))
     re_bgk = torch.einsum('btg,tk->bgk', u_btg, cos_tk) / num_t
     im_bgk = torch.einsum('btg,tk->bgk', u_btg, sin_tk) / num_t
-    logmag_bgk = torch.log(torch.sqrt(re_bgk * re_bgk + im_bgk * im_bgk) + _LOG_FLOOR)
+    white_bg1 = torch.sqrt((u_btg * u_btg).mean(dim=1) / num_t)[..., None]
+    floor_bg1 = _LOG_FLOOR + self.spectrum_floor * white_bg1
+    # log1p(|X| / floor): log(|X| + floor) up to a shift the LayerNorm removes (see aape.py).
+    logmag_bgk = log1p(torch.sqrt(re_bgk * re_bgk + im_bgk * im_bgk) / floor_bg1)
     h_bgc = self.norm(logmag_bgk @ pool_kc)
     # flax's nn.gelu defaults to the tanh approximation (the encoder MLP uses the exact one).
     h_bgh = F.gelu(self.hidden(h_bgc) + self.group_embedding, approximate='tanh')
@@ -509,7 +532,7 @@ class AaPEStem(nn.Module):
     # Each subband's clip mean is removed before the band-pass (see aape.AaPE).
     u_btf = x_btf - x_btf.mean(dim=1, keepdim=True)
     y_re, y_im = depthwise_conv_same(u_btf, h_re, h_im)
-    env = torch.log1p(torch.sqrt(y_re * y_re + y_im * y_im))  # [B, T, G, pf, N]
+    env = log1p(torch.sqrt(y_re * y_re + y_im * y_im))  # [B, T, G, pf, N]
     num_g = num_f // self.patch_f
     feat = env.reshape(batch, num_t // self.patch_t, self.patch_t, num_g, -1).mean(dim=2)
     return alpha_bgn, omega_bgn, feat
@@ -725,7 +748,7 @@ class AaSPEncoder(nn.Module):
       {'cls': [B, D], 'tokens': [B, n_time * n_freq, D]}, after the final norm (pre-LN) or the
       last block (post-LN).
     """
-    x_btf = torch.as_tensor(log_mel_btf, dtype=torch.float32, device=self.cls.device)
+    x_btf = torch.as_tensor(log_mel_btf, dtype=self.cls.dtype, device=self.cls.device)
     grid_btfd = self.stem(x_btf)
     batch, n_time, n_freq, width = grid_btfd.shape
     tokens_bnd = grid_btfd.reshape(batch, n_time * n_freq, width) + self.positions(n_time)
@@ -756,6 +779,11 @@ class AaSPEncoder(nn.Module):
 
   def token_valid(self, num_samples_b) -> torch.Tensor:
     """bool [B, n_time * n_freq]: a time patch is valid if it holds a frame of the clip."""
+    return self.token_valid_of_frames(self.frame_valid(num_samples_b))
+
+  def frame_valid(self, num_samples_b, num_frames: int | None = None) -> torch.Tensor:
+    """bool [B, T] (T: target_length by default): the frames that hold the clip, i.e. the
+    feature extractor's `attention_mask` for clips of `num_samples_b` samples."""
     opts = self.front_end.opts
     n = torch.as_tensor(num_samples_b, dtype=torch.int64, device=self.cls.device).reshape(-1)
     frames = torch.where(
@@ -763,9 +791,29 @@ class AaSPEncoder(nn.Module):
       1 + torch.div(n - opts.window_length, opts.frame_shift, rounding_mode='floor'),
       0,
     )
-    n_time = opts.target_length // self.patch_t
-    time_valid = torch.arange(n_time, device=n.device)[None, :] * self.patch_t < frames[:, None]
-    return time_valid.repeat_interleave(self.n_freq, dim=1)
+    length = opts.target_length if num_frames is None else num_frames
+    return torch.arange(length, device=n.device)[None, :] < frames[:, None]
+
+  def token_valid_of_frames(self, frame_valid_bt) -> torch.Tensor:
+    """bool [B, n_time * n_freq] of a frame mask [B, T] (1 for the clip's frames, as the feature
+    extractor's `attention_mask`): a time patch is valid if it holds a frame of the clip, i.e. its
+    first frame (the rule of `token_valid` and of aasp_jax/evaluate/embed.py)."""
+    valid_bt = torch.as_tensor(frame_valid_bt, device=self.cls.device) != 0
+    first_bt = valid_bt[:, :: self.patch_t]
+    batch, n_time = first_bt.shape
+    return first_bt[:, :, None].expand(batch, n_time, self.n_freq).reshape(batch, -1)
+
+  @staticmethod
+  def scene(out: dict, token_valid=None) -> torch.Tensor:
+    """[B, 2 D]: CLS ++ the mean of the valid patch tokens (all of them without a mask), the
+    scene embedding of one window (embed's 'cls_mean')."""
+    tokens = out['tokens']
+    if token_valid is None:
+      mean = tokens.mean(dim=1)
+    else:
+      weights = torch.as_tensor(token_valid, device=tokens.device).to(tokens.dtype)[..., None]
+      mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    return torch.cat([out['cls'], mean], dim=-1)
 
   # Embeddings (aasp_jax/evaluate/embed.py) -----------------------------------------------------
 

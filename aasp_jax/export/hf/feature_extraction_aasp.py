@@ -2,11 +2,16 @@
 
   extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)
   batch = extractor([wave_a, wave_b], sampling_rate=16000, return_tensors='pt')
-  batch['input_values']  # [2, target_length, mel]: each clip's first window
+  batch['input_values']    # [2, target_length, mel]: each clip's first window
+  batch['attention_mask']  # [2, target_length] int32: 1 for the frames that hold the clip
+  model(**batch)           # AaSPModel masks the rest (attention keys and the scene's mean)
 
 It runs `aasp_torch.LogMelFrontEnd`, the Kaldi log-mel front end of the model: clips of different
 lengths are zero-padded to the longest and each is analysed over its own samples (its mean removed,
-frames past its end set to the normalised zero), then padded or cropped to `target_length` frames.
+frames past its end set to the normalised zero), then padded or cropped to `target_length` frames. `attention_mask` marks the frames of the clip
+(Kaldi frames with snip_edges: 1 + (samples - window) // shift, capped at `target_length`): the
+padding rule of every aasp-jax path (HEAR, the probes, `aasp_torch.AaSPEncoder.embed`, ONNX), under
+which time patches with no frame of the clip are neither attended to nor pooled.
 preprocessor_config.json holds the preset's fields, with the sample rate as `sampling_rate` and the
 number of mel bins as `feature_size` too.
 """
@@ -35,7 +40,7 @@ PRESET_FIELDS = (
 class AaSPFeatureExtractor(SequenceFeatureExtractor):
   """Mono waveforms at `sampling_rate` -> `input_values` [B, target_length, feature_size]."""
 
-  model_input_names = ['input_values']
+  model_input_names = ['input_values', 'attention_mask']
 
   def __init__(self, feature_size=128, sampling_rate=16000, padding_value=0.0, **kwargs):
     missing = [k for k in PRESET_FIELDS if k not in kwargs]
@@ -47,7 +52,7 @@ class AaSPFeatureExtractor(SequenceFeatureExtractor):
         f'AaSPFeatureExtractor: feature_size={feature_size} but num_mel_bins='
         f'{preset["num_mel_bins"]}; they are the same number.'
       )
-    kwargs.setdefault('return_attention_mask', False)
+    kwargs.setdefault('return_attention_mask', True)
     super().__init__(
       feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs
     )
@@ -66,14 +71,19 @@ class AaSPFeatureExtractor(SequenceFeatureExtractor):
     out['feature_extractor_type'] = type(self).__name__
     return out
 
-  def __call__(self, raw_speech, sampling_rate=None, return_tensors=None, **kwargs) -> BatchFeature:
-    """Normalised log-mel of each clip's first window.
+  def __call__(
+    self, raw_speech, sampling_rate=None, return_tensors=None, return_attention_mask=None, **kwargs
+  ) -> BatchFeature:
+    """Normalised log-mel of each clip's first window, and which of its frames hold the clip.
 
     Args:
       raw_speech: one mono waveform (1-D array, list of floats or tensor), a list of them, or a
         [B, S] array of equal-length clips, at `sampling_rate` Hz, floats in [-1, 1].
       sampling_rate: the clips' rate; must equal the model's (resample first otherwise).
       return_tensors: 'pt', 'np' or None (lists).
+      return_attention_mask: also return `attention_mask` [B, target_length] (default: the
+        extractor's `return_attention_mask`, True). Without it the model attends to the padding of
+        clips shorter than a window, and its embeddings are not the project's.
     """
     if sampling_rate is not None and sampling_rate != self.sampling_rate:
       raise ValueError(
@@ -87,7 +97,12 @@ class AaSPFeatureExtractor(SequenceFeatureExtractor):
     lengths = torch.tensor([len(c) for c in clips])
     with torch.no_grad():
       x_btf = self._front_end(torch.from_numpy(batch), lengths)
-    return BatchFeature({'input_values': x_btf.numpy()}, tensor_type=return_tensors)
+    out = {'input_values': x_btf.numpy()}
+    if self.return_attention_mask if return_attention_mask is None else return_attention_mask:
+      opts = self._front_end.opts
+      frames = np.array([min(opts.num_frames(len(c)), opts.target_length) for c in clips])
+      out['attention_mask'] = (np.arange(opts.target_length)[None] < frames[:, None]).astype(np.int32)
+    return BatchFeature(out, tensor_type=return_tensors)
 
 
 def _as_clips(raw_speech) -> list[np.ndarray]:

@@ -5,6 +5,12 @@
   model = AutoModel.from_pretrained(folder, trust_remote_code=True)      # AaSPModel
   out = model(**extractor(waveforms, sampling_rate=16000, return_tensors='pt'))
   out.scene, out.cls, out.tokens
+  model.embed(waveforms_bs, lengths)['scene']   # clips longer than a window: HEAR's scene
+
+The padding rule is the project's: the extractor's `attention_mask` marks the frames of each clip,
+and the time patches with none of them are masked as attention keys and left out of the scene's
+token mean (so `scene` equals aasp_jax.evaluate.hear.get_scene_embeddings for a clip up to one
+window). `forward` reads one window; `embed` cuts longer clips into windows as HEAR does.
 
 Classification exports also load with `AutoModelForAudioClassification` (`.logits`). The weights
 are `aasp_torch.AaSPEncoder`'s state dict under 'encoder.' (plus 'classifier.*'), so
@@ -73,20 +79,24 @@ class AaSPModel(AaSPPreTrainedModel):
     self.encoder = self._encoder(config)
     self.post_init()
 
-  def forward(self, input_values, token_valid=None, return_dict=None, **kwargs):
-    """Encodes log-mel windows (T a multiple of patch_t); `token_valid` [B, patches] masks padding
-    as attention keys and leaves it out of the scene mean."""
+  def forward(
+    self, input_values, attention_mask=None, token_valid=None, return_dict=None, **kwargs
+  ):
+    """Encodes log-mel windows (T a multiple of patch_t).
+
+    Args:
+      input_values: normalised log-mel [B, T, mel] (the feature extractor's).
+      attention_mask: [B, T], 1 for the frames of the clip (the feature extractor's); the time
+        patches with no such frame are masked as attention keys and left out of the scene mean.
+      token_valid: or the mask over the patches directly, bool [B, n_time * n_freq].
+    """
+    if token_valid is None and attention_mask is not None:
+      token_valid = self.encoder.token_valid_of_frames(attention_mask)
     out = self.encoder(input_values, token_valid)
-    tokens = out['tokens']
-    if token_valid is None:
-      mean = tokens.mean(dim=1)
-    else:
-      weights = torch.as_tensor(token_valid, device=tokens.device).to(tokens.dtype)[..., None]
-      mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-    scene = torch.cat([out['cls'], mean], dim=-1)
+    scene = self.encoder.scene(out, token_valid)
     if return_dict is False:
-      return scene, out['cls'], tokens
-    return AaSPModelOutput(scene=scene, cls=out['cls'], tokens=tokens)
+      return scene, out['cls'], out['tokens']
+    return AaSPModelOutput(scene=scene, cls=out['cls'], tokens=out['tokens'])
 
   def embed(self, waveform_bs, num_samples_b=None, batch_size: int = 8):
     """Scene and frame embeddings of clips of any length (`aasp_torch.AaSPEncoder.embed`)."""
