@@ -112,9 +112,18 @@ class AaSPForAudioClassification(AaSPPreTrainedModel):
     self.classifier = nn.Linear(self.encoder.width, config.num_labels)
     self.post_init()
 
-  def forward(self, input_values, labels=None, token_valid=None, return_dict=None, **kwargs):
+  def forward(
+    self, input_values, attention_mask=None, labels=None, token_valid=None, return_dict=None,
+    **kwargs,
+  ):
     """Logits [B, num_labels]; with `labels`, the loss of `config.problem_type` (cross-entropy on
-    class indices, or binary cross-entropy on multi-hot targets)."""
+    class indices, or binary cross-entropy on multi-hot targets).
+
+    `attention_mask` (the feature extractor's) is accepted and not applied: a fine-tuned classifier
+    was trained and evaluated on the zero-padded window with the padding visible, and it reads
+    clips the same way here, as `aasp-predict` (JAX, torch, ONNX) does. `token_valid` masks
+    patches explicitly if given."""
+    del attention_mask
     logits = self.classifier(self.encoder(input_values, token_valid)['cls'])
     loss = None
     if labels is not None:
