@@ -547,7 +547,8 @@ def test_a_damaged_imported_checkpoint_is_caught_on_load(model, tmp_path):
   config = _config()
   imported = timm_layout.from_timm(model['state'], config.model, num_mel_bins=MEL)
   step_dir = timm_layout.write_encoder_checkpoint(
-    str(tmp_path / 'run'), config, imported.params, model_overrides=imported.model_overrides
+    str(tmp_path / 'run'), config, imported.params, model_overrides=imported.model_overrides,
+    origin='timm weights (test)',
   )
   pretrained.load_pretrained(str(tmp_path / 'run'))  # intact: verified and read
   spec = {
@@ -559,4 +560,6 @@ def test_a_damaged_imported_checkpoint_is_caught_on_load(model, tmp_path):
   words.reshape(-1)[3] ^= np.uint32(1 << 2)
   store.write(words.view(np.float32)).result()
   with pytest.raises(checkpointing.NoUsableCheckpoint, match='array train.teacher.cls: checksum'):
+    pretrained.load_pretrained(str(tmp_path / 'run'))
+  with pytest.raises(checkpointing.NoUsableCheckpoint, match='import the weights again'):
     pretrained.load_pretrained(str(tmp_path / 'run'))

@@ -129,9 +129,14 @@ def skip_unusable(e: checkpointing.UnusableCheckpoint, explicit: bool, directory
 
 
 def none_usable(directory: str, failures: list[str]) -> ValueError:
+  steps = checkpointing.complete_steps(directory) if os.path.isdir(directory) else []
+  if any(os.path.isdir(os.path.join(directory, str(s), checkpointing.ORIGIN)) for s in steps):
+    # Imported weights (timm_layout.write_encoder_checkpoint): there is no training to rerun.
+    what = 'import the weights again into a new workdir'
+  else:
+    what = 'rerun training (it sets damaged checkpoints aside and resumes from the newest good one)'
   return checkpointing.NoUsableCheckpoint(
-    f'No usable checkpoint in {directory}: {"; ".join(failures)}. The files are damaged; '
-    'rerun training (it sets damaged checkpoints aside and resumes from the newest good one).'
+    f'No usable checkpoint in {directory}: {"; ".join(failures)}. The files are damaged; {what}.'
   )
 
 
