@@ -652,3 +652,43 @@ def test_the_exporter_agrees_with_the_exported_module_on_the_format():
     assert getattr(exporter, name) == getattr(aasp_torch, name), name
   assert exporter.ENCODER_PREFIX == aasp_torch.ENCODER_PREFIX
   assert exporter.HEAD_PREFIX == aasp_torch.HEAD_PREFIX
+
+
+def test_clips_of_0_2_to_6_s_at_a_2_56_s_window_give_the_hear_embeddings(tmp_path):
+  """Issue 23's acceptance at a real window (256 frames, 2.56 s): real clips of 0.2, 0.9, 2.56,
+  4 and 6 s, an AaPE encoder with every branch active (`eval_checkpoints.every_branch_active`).
+  JAX's HEAR scene (`embed.Embedder`), `aasp_torch.AaSPEncoder.embed` and the transformers
+  `AaSPModel` (extractor + forward for clips up to one window, `embed` for all) agree to 1e-5."""
+  transformers = pytest.importorskip('transformers')
+  import eval_checkpoints
+
+  cfg = pretrain.get_config('variant=tiny,target_length=256,stem=aape')
+  m = cfg.model
+  m.dtype, m.depth, m.width, m.num_heads, m.mlp_dim = 'float32', 2, 32, 2, 64
+  m.aape.num_modes = 2
+  model = pretrained.random_encoder(cfg, seed=4)
+  model = dataclasses.replace(model, params=eval_checkpoints.every_branch_active(model.params, 4))
+  exporter.write_export(
+    tmp_path, model.config.model, model.preset, model.params, which='random', step=0, source='r'
+  )
+  wave, _ = clips.load_clip(
+    os.path.join(REPO_ROOT, 'data', 'sonicpi', 'audio', 'arovane_beat_e.flac'), 16000
+  )
+  seconds = (0.2, 0.9, 2.56, 4.0, 6.0)
+  waves, lengths = padded_batch([wave[: int(s * 16000)] for s in seconds])
+  assert model.preset.target_length == 256
+  want = embed.Embedder(model).scene_embeddings(waves, lengths)
+
+  module = aasp_torch.AaSPEncoder.from_pretrained(tmp_path)
+  got = module.embed(torch.from_numpy(waves), torch.from_numpy(lengths))['scene'].numpy()
+  errors = {'aasp_torch embed': rel_err(got, want)}
+  extractor = transformers.AutoFeatureExtractor.from_pretrained(tmp_path, trust_remote_code=True)
+  hf = transformers.AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+  with torch.no_grad():
+    short = [w[:n] for w, n in zip(waves[:3], lengths[:3])]  # up to one window: one forward
+    scene = hf(**extractor(short, sampling_rate=16000, return_tensors='pt')).scene.numpy()
+    errors['transformers forward (<= 1 window)'] = rel_err(scene, want[:3])
+    long = hf.embed(torch.from_numpy(waves), torch.from_numpy(lengths))['scene'].numpy()
+    errors['transformers embed'] = rel_err(long, want)
+  print(f'0.2-6 s clips, relative errors against the JAX HEAR scene: {errors}')
+  assert max(errors.values()) < TOLERANCE, errors
