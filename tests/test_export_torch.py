@@ -27,6 +27,7 @@ import pytest
 import safetensors
 import safetensors.numpy
 import torch
+import eval_checkpoints
 from conftest import FIXTURES, REPO_ROOT
 
 from aasp_jax import configuration
@@ -75,22 +76,6 @@ def tiny_config(stem='aape', **model_overrides):
     else:
       m[key] = value
   return cfg
-
-
-def randomise_aape(params, seed=0):
-  """Every AaPE parameter outside its conv stem moved by random noise (std 0.3), and the gate set
-  to random values (std 1): the 2-step training left the gate and the Lambda encoder's output layer
-  near their zero init. The conv stem and the encoder blocks keep their trained values."""
-  rng = np.random.default_rng(seed)
-
-  def perturb(path, array):
-    name, array = jax.tree_util.keystr(path), np.asarray(array)
-    if not name.startswith("['stem']") or "['conv_stem']" in name:
-      return array
-    noise = np.asarray(rng.standard_normal(array.shape), np.float32)
-    return noise if name.endswith("['gate']") else array + np.float32(0.3) * noise
-
-  return jax.tree_util.tree_map_with_path(perturb, params)
 
 
 def padded_batch(arrays):
@@ -142,15 +127,16 @@ def audio():
 def exports(tiny_checkpoints, tmp_path_factory):
   """{stem: (the JAX Pretrained, its export folder, the PyTorch module)}.
 
-  conv: the checkpoint through `export_checkpoint`. aape: the checkpoint with `randomise_aape`
-  applied, written by `write_export`, and the same randomised params on the JAX side.
+  conv: the checkpoint through `export_checkpoint`. aape: the checkpoint with
+  `eval_checkpoints.every_branch_active` applied, written by `write_export`, and the same
+  perturbed params on the JAX side.
   """
   root = tmp_path_factory.mktemp('exports')
   out = {}
   conv = pretrained.load_pretrained(tiny_checkpoints['conv'])
   exporter.export_checkpoint(tiny_checkpoints['conv'], root / 'conv')
   aape = pretrained.load_pretrained(tiny_checkpoints['aape'])
-  aape = dataclasses.replace(aape, params=randomise_aape(aape.params))
+  aape = dataclasses.replace(aape, params=eval_checkpoints.every_branch_active(aape.params))
   exporter.write_export(
     root / 'aape',
     aape.config.model,
@@ -461,7 +447,8 @@ AAPE_OPTIONS = [
 @pytest.mark.parametrize('options', AAPE_OPTIONS, ids=lambda o: ','.join(map(str, o.values())))
 def test_every_aape_option_matches_jax(audio, tmp_path, options):
   model = pretrained.random_encoder(tiny_config('aape', **options), seed=1)
-  model = dataclasses.replace(model, params=randomise_aape(model.params, seed=2))
+  perturbed = eval_checkpoints.every_branch_active(model.params, seed=2)
+  model = dataclasses.replace(model, params=perturbed)
   exporter.write_export(
     tmp_path, model.config.model, model.preset, model.params, which='random', step=0, source='r'
   )
@@ -660,7 +647,6 @@ def test_clips_of_0_2_to_6_s_at_a_2_56_s_window_give_the_hear_embeddings(tmp_pat
   JAX's HEAR scene (`embed.Embedder`), `aasp_torch.AaSPEncoder.embed` and the transformers
   `AaSPModel` (extractor + forward for clips up to one window, `embed` for all) agree to 1e-5."""
   transformers = pytest.importorskip('transformers')
-  import eval_checkpoints
 
   cfg = pretrain.get_config('variant=tiny,target_length=256,stem=aape')
   m = cfg.model

@@ -9,8 +9,9 @@ model's code (aasp_torch.py and the transformers classes) and a README.md model 
 (aasp_jax.export.exporter): the folder loads with transformers (trust_remote_code=True) or with
 torch alone, without JAX or aasp-jax. A fine-tuning checkpoint gives an audio-classification
 folder. With --timm also timm_model.safetensors (the timm / Audio-MAE layout, conv stem only), and
-with --onnx also model.onnx (log-mel in, dynamic batch and time; cls / tokens out, or logits),
-checked against PyTorch with onnxruntime when installed. No pickle file is written. Exit status:
+with --onnx also model.onnx (log-mel and its frame mask in, dynamic batch and time; scene / cls /
+tokens out, or logits), checked against PyTorch with onnxruntime when installed; a graph that fails
+its check is not written. No pickle file is written. Exit status:
 0 done, 1 unreadable checkpoint or failed export, 2 bad arguments (including a non-empty OUT_DIR
 without --force, and --timm with an AaPE stem).
 """

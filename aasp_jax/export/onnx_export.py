@@ -5,20 +5,22 @@
   error = onnx_export.check_onnx(done.path, done.module, done.inputs)  # max relative error
 
 Two graphs can be written from `aasp_torch.AaSPEncoder` (the file in the export folder):
-- 'log_mel' (what `aasp-export --onnx` writes): input `log_mel` float32 [batch, frames, mel]
-  (normalised, as `AaSPEncoder.features` / the feature extractor return it), outputs `cls`
-  [batch, D] and `tokens` [batch, patches, D] (time-major), i.e. `AaSPEncoder.forward` without a
-  padding mask. Batch and frames are dynamic: any multiple of patch_t up to
-  max_time_patches * patch_t frames (e.g. 128, 256 or 1024), since the position tables are sliced
-  and AaPE's modulation DFT and band pooling are computed from the traced length. For a
-  classification export the graph is `log_mel` -> `logits` [batch, labels] instead.
-- 'waveform': input `waveform` float32 [batch, samples] holding exactly one window
+- 'log_mel' (what `aasp-export --onnx` writes): inputs `log_mel` float32 [batch, frames, mel]
+  (normalised, as `AaSPEncoder.features` / the feature extractor return it) and `attention_mask`
+  int32 [batch, frames] (1 for the frames of the clip, the extractor's), outputs `scene` [batch,
+  2D] (CLS ++ mean of the valid tokens), `cls` [batch, D] and `tokens` [batch, patches, D]
+  (time-major): `AaSPEncoder.forward` under the padding rule (time patches with no frame of the
+  clip are masked as keys and left out of the mean). Batch and frames are dynamic: any multiple
+  of patch_t up to max_time_patches * patch_t frames (e.g. 128, 256 or 1024), since the position
+  tables are sliced and AaPE's modulation DFT and band pooling are computed from the traced
+  length. For a classification export the graph is `log_mel` -> `logits` [batch, labels] instead
+  (the padding visible, as fine-tuning reads clips).
+- 'waveform': inputs `waveform` float32 [batch, samples] holding exactly one window
   (`window_samples` = the samples of target_length frames, e.g. 163,840 = 10.24 s at 16 kHz for
-  1024 frames), outputs `scene` [batch, 2D] (CLS ++ mean token, `embed`'s 'cls_mean' pooling of a
-  full window), `cls` and `tokens`. The Kaldi front end is matrix products in float64, so the
-  graph needs no FFT operator. Shorter clips must be zero-padded by the caller, and then the
-  padded frames count as audio (`AaSPEncoder.embed` masks them instead). Only the batch is
-  dynamic here.
+  1024 frames) and `num_samples` int64 [batch] (each clip's true length; shorter clips
+  zero-padded), outputs `scene` [batch, 2D] (`embed`'s 'cls_mean' pooling of one window), `cls`
+  and `tokens`. The Kaldi front end is matrix products in float64, so the graph needs no FFT
+  operator. Only the batch is dynamic here.
 
 The conv stem is exported with the TorchScript exporter (`dynamo=False`) at opset 17, the first
 with LayerNormalization; the AaPE stem needs the dynamo exporter (opset 18), which `export_onnx`

@@ -298,13 +298,22 @@ class LogMelFrontEnd(nn.Module):
     power_btk = spectrum_btc[..., :num_bins] ** 2 + spectrum_btc[..., num_bins:] ** 2
     mel_btf = power_btk @ self.mel_banks
     log_mel_btf = torch.log(torch.clamp(mel_btf, min=p['log_floor'])).to(torch.float32)
-    frames_b = torch.where(
-      lengths_b >= opts.window_length,
-      1 + torch.div(lengths_b - opts.window_length, opts.frame_shift, rounding_mode='floor'),
+    valid_bt = self.frame_valid(lengths_b, log_mel_btf.shape[1])
+    return torch.where(valid_bt[..., None], log_mel_btf, 0.0)
+
+  def frame_valid(self, num_samples_b, num_frames: int | None = None) -> torch.Tensor:
+    """bool [B, T] (T: target_length by default): the frames that hold each clip of
+    `num_samples_b` samples (snip_edges: 1 + (S - window) // shift, 0 below one window), i.e. the
+    feature extractor's `attention_mask`."""
+    opts = self.opts
+    n = torch.as_tensor(num_samples_b, dtype=torch.int64).reshape(-1)
+    frames = torch.where(
+      n >= opts.window_length,
+      1 + torch.div(n - opts.window_length, opts.frame_shift, rounding_mode='floor'),
       0,
     )
-    valid_bt = torch.arange(log_mel_btf.shape[1], device=x_bs.device)[None, :] < frames_b[:, None]
-    return torch.where(valid_bt[..., None], log_mel_btf, 0.0)
+    length = opts.target_length if num_frames is None else num_frames
+    return torch.arange(length, device=n.device)[None, :] < frames[:, None]
 
   def forward(self, waveform_bs: torch.Tensor, num_samples_b=None) -> torch.Tensor:
     """log_mel, then zero-pad (log domain, at the end) or crop to target_length, then normalise."""
@@ -781,18 +790,11 @@ class AaSPEncoder(nn.Module):
     """bool [B, n_time * n_freq]: a time patch is valid if it holds a frame of the clip."""
     return self.token_valid_of_frames(self.frame_valid(num_samples_b))
 
-  def frame_valid(self, num_samples_b, num_frames: int | None = None) -> torch.Tensor:
-    """bool [B, T] (T: target_length by default): the frames that hold the clip, i.e. the
-    feature extractor's `attention_mask` for clips of `num_samples_b` samples."""
-    opts = self.front_end.opts
-    n = torch.as_tensor(num_samples_b, dtype=torch.int64, device=self.cls.device).reshape(-1)
-    frames = torch.where(
-      n >= opts.window_length,
-      1 + torch.div(n - opts.window_length, opts.frame_shift, rounding_mode='floor'),
-      0,
+  def frame_valid(self, num_samples_b) -> torch.Tensor:
+    """bool [B, target_length]: the frames that hold each clip (`LogMelFrontEnd.frame_valid`)."""
+    return self.front_end.frame_valid(
+      torch.as_tensor(num_samples_b, dtype=torch.int64, device=self.cls.device)
     )
-    length = opts.target_length if num_frames is None else num_frames
-    return torch.arange(length, device=n.device)[None, :] < frames[:, None]
 
   def token_valid_of_frames(self, frame_valid_bt) -> torch.Tensor:
     """bool [B, n_time * n_freq] of a frame mask [B, T] (1 for the clip's frames, as the feature

@@ -99,9 +99,7 @@ class AaSPFeatureExtractor(SequenceFeatureExtractor):
       x_btf = self._front_end(torch.from_numpy(batch), lengths)
     out = {'input_values': x_btf.numpy()}
     if self.return_attention_mask if return_attention_mask is None else return_attention_mask:
-      opts = self._front_end.opts
-      frames = np.array([min(opts.num_frames(len(c)), opts.target_length) for c in clips])
-      out['attention_mask'] = (np.arange(opts.target_length)[None] < frames[:, None]).astype(np.int32)
+      out['attention_mask'] = self._front_end.frame_valid(lengths).numpy().astype(np.int32)
     return BatchFeature(out, tensor_type=return_tensors)
 
 
